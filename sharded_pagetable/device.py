@@ -1,0 +1,182 @@
+"""Device side of a row-sharded table: per-device buffers updated in place from dirty rows.
+
+A table of shape ``[R, P]`` laid out with ``NamedSharding(mesh, P(row_axis, None))`` lives as
+one buffer per device, each holding a contiguous block of rows (devices along other mesh axes
+hold replicas of the same block). :class:`DeviceRows` owns the buffers of the blocks inside a
+row range on this process's devices and updates them with a donated, jitted scatter whose index
+batch is padded to a few bucket sizes, so a commit costs one small dispatch per touched device
+and never a copy of the whole table.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+_MIN_BUCKET = 8
+_BUCKET_GROWTH = 4
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+    # buf: i32[B, P] (donated); idx: i32[K], out-of-range entries are padding; rows: i32[K, P]
+    return buf.at[idx].set(rows, mode="drop")
+
+
+def bucket_sizes(block_rows: int) -> tuple[int, ...]:
+    """Index-batch sizes compiled for a block of ``block_rows`` rows: 8, 32, 128, ... and the
+    block itself, so any dirty count pads to at most 4x its size."""
+    sizes = []
+    size = _MIN_BUCKET
+    while size < block_rows:
+        sizes.append(size)
+        size *= _BUCKET_GROWTH
+    sizes.append(block_rows)
+    return tuple(sizes)
+
+
+def row_blocks(
+    shape: tuple[int, int], sharding: jax.sharding.Sharding
+) -> dict[jax.Device, tuple[int, int]]:
+    """Row range ``(start, stop)`` held by each addressable device; columns must be whole."""
+    blocks = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        rows, cols = index
+        if cols.indices(shape[1]) != (0, shape[1], 1):
+            raise ValueError(
+                f"the page table must not be split along pages; sharding {sharding} splits "
+                f"columns as {cols} on {device}"
+            )
+        start, stop, _ = rows.indices(shape[0])
+        blocks[device] = (start, stop)
+    return blocks
+
+
+class DeviceRows:
+    """Device buffers for rows ``[lo, hi)`` of a ``[R, P]`` int32 table on this process.
+
+    Args:
+      shape: global ``(R, P)``.
+      sharding: the table's sharding; every addressable device whose row block intersects
+        ``[lo, hi)`` must hold a block entirely inside it.
+      host: ``i32[hi - lo, P]`` initial content of the rows.
+      lo, hi: the row range this object owns (default: every row).
+      warmup: compile every bucket size on every device now instead of on first use.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        sharding: jax.sharding.Sharding,
+        host: np.ndarray,
+        lo: int = 0,
+        hi: int | None = None,
+        *,
+        warmup: bool = True,
+    ) -> None:
+        hi = shape[0] if hi is None else hi
+        self.shape = shape
+        self.sharding = sharding
+        self.lo, self.hi = lo, hi
+        blocks = {}
+        for device, (start, stop) in row_blocks(shape, sharding).items():
+            if stop <= lo or start >= hi:
+                continue
+            if start < lo or stop > hi:
+                raise ValueError(
+                    f"device {device} holds rows [{start}, {stop}) which straddle the owned "
+                    f"range [{lo}, {hi})"
+                )
+            blocks[device] = (start, stop)
+        if not blocks:
+            raise ValueError(f"no addressable device holds rows [{lo}, {hi})")
+        self._blocks = blocks  # device -> (start, stop), global rows
+        # block start -> devices holding that block (replicas along non-row mesh axes)
+        self._replicas: dict[int, list[jax.Device]] = {}
+        for device, (start, _) in blocks.items():
+            self._replicas.setdefault(start, []).append(device)
+        self._starts = np.array(sorted(self._replicas), dtype=np.int64)
+        self.block_rows = next(iter(blocks.values()))[1] - next(iter(blocks.values()))[0]
+        self._buckets = bucket_sizes(self.block_rows)
+        self._buffers: dict[jax.Device, jax.Array] = {}
+        self.reset(host)
+        if warmup:
+            self._warmup()
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return list(self._blocks)
+
+    def buffers(self) -> list[jax.Array]:
+        """The current per-device buffers (invalidated by the next :meth:`update`)."""
+        return list(self._buffers.values())
+
+    def reset(self, host: np.ndarray) -> None:
+        """Upload ``host`` (``i32[hi - lo, P]``) to every owned device, replacing all rows."""
+        for device, (start, stop) in self._blocks.items():
+            block = np.ascontiguousarray(host[start - self.lo : stop - self.lo], dtype=np.int32)
+            self._buffers[device] = jax.device_put(block, device)
+
+    def update(self, rows: np.ndarray, values: np.ndarray) -> int:
+        """Write ``values[i]`` into global row ``rows[i]`` on every device holding it.
+
+        ``rows`` must be sorted, unique and inside ``[lo, hi)``; returns the number of
+        scatter dispatches issued.
+        """
+        if rows.size == 0:
+            return 0
+        # Rows are sorted: split them at block boundaries.
+        cuts = np.searchsorted(rows, self._starts[1:])
+        dispatches = 0
+        for start, lo_i, hi_i in zip(
+            self._starts.tolist(),
+            [0, *cuts.tolist()],
+            [*cuts.tolist(), rows.size],
+            strict=True,
+        ):
+            if hi_i == lo_i:
+                continue
+            local = rows[lo_i:hi_i] - start
+            chunk = values[lo_i:hi_i]
+            for device in self._replicas[start]:
+                self._buffers[device] = self._scatter(self._buffers[device], local, chunk)
+                dispatches += 1
+        return dispatches
+
+    def _scatter(self, buf: jax.Array, local: np.ndarray, chunk: np.ndarray) -> jax.Array:
+        k = local.size
+        bucket = next(b for b in self._buckets if b >= k)
+        idx = np.full(bucket, self.block_rows, dtype=np.int32)
+        idx[:k] = local
+        vals = np.zeros((bucket, self.shape[1]), dtype=np.int32)
+        vals[:k] = chunk
+        return _scatter_rows(buf, idx, vals)
+
+    def _warmup(self) -> None:
+        # Scatter nothing (every index is padding) once per bucket and device.
+        for device in self._blocks:
+            for bucket in self._buckets:
+                idx = np.full(bucket, self.block_rows, dtype=np.int32)
+                vals = np.zeros((bucket, self.shape[1]), dtype=np.int32)
+                self._buffers[device] = _scatter_rows(self._buffers[device], idx, vals)
+
+    def to_numpy(self) -> np.ndarray:
+        """``i32[hi - lo, P]`` copy of the owned rows as the devices hold them."""
+        out = np.empty((self.hi - self.lo, self.shape[1]), dtype=np.int32)
+        for start in self._starts.tolist():
+            device = self._replicas[start][0]
+            stop = self._blocks[device][1]
+            out[start - self.lo : stop - self.lo] = np.asarray(self._buffers[device])
+        return out
+
+
+def assemble(
+    shape: tuple[int, int], sharding: jax.sharding.Sharding, buffers: Sequence[jax.Array]
+) -> jax.Array:
+    """The global array over ``sharding`` from this process's per-device buffers (metadata only)."""
+    if len(buffers) == 1 and isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return buffers[0]
+    return jax.make_array_from_single_device_arrays(shape, sharding, list(buffers))

@@ -1,0 +1,123 @@
+"""Host state of one KV-cache group: the numpy table, counts and what changed since publish.
+
+:class:`HostRows` is shared by the single-process table and the sharded coordinator's mirror.
+Every ``check_*`` method validates and returns normalised arguments without touching state;
+the write methods assume their arguments were checked, so a caller can validate a whole
+multi-group call before it writes anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL
+from .errors import PageTableFullError
+from .validation import check_index, page_id_array
+
+PageIds = Sequence[int] | np.ndarray
+
+
+class HostRows:
+    """``i32[R, P]`` page ids and ``i32[R]`` counts, with per-row change tracking.
+
+    Invariant: ``table[r, counts[r]:]`` is ``PAGE_TABLE_PADDING_VAL`` for every row.
+    ``dirty[r]`` marks rows changed since they were last published; ``rewritten[r]`` marks
+    rows whose published prefix may no longer hold (anything but a pure append).
+    """
+
+    def __init__(self, num_rows: int, capacity: int, num_pages: int | None = None) -> None:
+        self.num_rows = num_rows
+        self.capacity = capacity
+        self.num_pages = num_pages
+        self.max_id = MAX_PAGE_ID if num_pages is None else num_pages - 1
+        self.table = np.full((num_rows, capacity), PAGE_TABLE_PADDING_VAL, dtype=np.int32)
+        self.counts = np.zeros(num_rows, dtype=np.int32)
+        self.dirty = np.zeros(num_rows, dtype=bool)
+        self.rewritten = np.zeros(num_rows, dtype=bool)
+
+    # -- checks (no state change) ------------------------------------------------------
+
+    def check_row(self, row: object, what: str = "row") -> int:
+        if type(row) is int and 0 <= row < self.num_rows:
+            return row
+        return check_index(row, self.num_rows, what)
+
+    def check_ids(self, page_ids: object) -> PageIds:
+        """Validated page ids: the caller's list when it is plain ints, else an ``i32`` array."""
+        if type(page_ids) is list and all(type(p) is int for p in page_ids):
+            if page_ids and (min(page_ids) < 0 or max(page_ids) > self.max_id):
+                bad = min(page_ids) if min(page_ids) < 0 else max(page_ids)
+                raise ValueError(f"page id {bad} is out of range: allowed 0..{self.max_id}")
+            return page_ids
+        return page_id_array(page_ids, self.num_pages)
+
+    def check_room(self, row: int, extra: int, count: int | None = None) -> None:
+        held = int(self.counts[row]) if count is None else count
+        if held + extra > self.capacity:
+            raise PageTableFullError(
+                f"row {row} holds {held} pages; {extra} more would exceed its capacity of "
+                f"{self.capacity} pages"
+            )
+
+    # -- writes (arguments already checked) ----------------------------------------------
+
+    def append(self, row: int, ids: PageIds) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        start = int(self.counts[row])
+        self.table[row, start : start + n] = ids
+        self.counts[row] = start + n
+        self.dirty[row] = True
+
+    def replace(self, row: int, ids: PageIds) -> None:
+        n, old = len(ids), int(self.counts[row])
+        self.table[row, :n] = ids
+        if old > n:
+            self.table[row, n:old] = PAGE_TABLE_PADDING_VAL
+        self.counts[row] = n
+        self.dirty[row] = True
+        self.rewritten[row] = True
+
+    def clear_row(self, row: int) -> None:
+        self.table[row, : self.counts[row]] = PAGE_TABLE_PADDING_VAL
+        self.counts[row] = 0
+        self.dirty[row] = True
+        self.rewritten[row] = True
+
+    def copy_row(self, src: int, tgt: int) -> None:
+        if src == tgt:
+            return
+        n, old = int(self.counts[src]), int(self.counts[tgt])
+        self.table[tgt, :n] = self.table[src, :n]
+        if old > n:
+            self.table[tgt, n:old] = PAGE_TABLE_PADDING_VAL
+        self.counts[tgt] = n
+        self.dirty[tgt] = True
+        self.rewritten[tgt] = True
+
+    def swap_rows(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        na, nb = int(self.counts[a]), int(self.counts[b])
+        m = max(na, nb)
+        self.table[[a, b], :m] = self.table[[b, a], :m]
+        self.counts[a], self.counts[b] = nb, na
+        self.dirty[[a, b]] = True
+        self.rewritten[[a, b]] = True
+
+    def reset(self) -> None:
+        self.table.fill(PAGE_TABLE_PADDING_VAL)
+        self.counts.fill(0)
+        self.dirty.fill(False)
+        self.rewritten.fill(False)
+
+    def pending(self, num_reqs: int) -> np.ndarray:
+        """Sorted rows below ``num_reqs`` that changed since they were last published."""
+        return np.flatnonzero(self.dirty[:num_reqs])
+
+    def mark_published(self, rows: np.ndarray) -> None:
+        self.dirty[rows] = False
+        self.rewritten[rows] = False

@@ -1,0 +1,97 @@
+"""Multi-group row operations shared by the single-process and the sharded table.
+
+Each public method validates its whole call across every KV-cache group before it writes
+anything, so a refused call leaves every group exactly as it was. Subclasses provide
+``_hosts`` (one :class:`HostRows` per group) and the side-effect point, ``commit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .host import HostRows, PageIds
+from .validation import group_lists
+
+
+class MultiGroupRowOps:
+    """The seed's ``MultiGroupPageTable`` row API over ``self._hosts``."""
+
+    _hosts: list[HostRows]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._hosts)
+
+    def _check_groups(self, page_ids: object, row: int, *, replace: bool) -> list[PageIds]:
+        per_group = group_lists(page_ids, len(self._hosts))
+        checked = []
+        for host, ids in zip(self._hosts, per_group, strict=True):
+            ids = host.check_ids(ids)
+            host.check_room(row, len(ids), 0 if replace else None)
+            checked.append(ids)
+        return checked
+
+    def append_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
+        """Append ``page_ids[g]`` to row ``row_idx`` of every group ``g``."""
+        row = self._hosts[0].check_row(row_idx)
+        checked = self._check_groups(page_ids, row, replace=False)
+        for host, ids in zip(self._hosts, checked, strict=True):
+            host.append(row, ids)
+
+    def add_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
+        """Replace row ``row_idx`` of every group with ``page_ids[g]``."""
+        row = self._hosts[0].check_row(row_idx)
+        checked = self._check_groups(page_ids, row, replace=True)
+        for host, ids in zip(self._hosts, checked, strict=True):
+            host.replace(row, ids)
+
+    def clear_row(self, row_idx: int) -> None:
+        """Empty row ``row_idx`` in every group."""
+        row = self._hosts[0].check_row(row_idx)
+        for host in self._hosts:
+            host.clear_row(row)
+
+    def move_row(self, src: int, tgt: int) -> None:
+        """Copy row ``src`` onto row ``tgt`` in every group; ``src`` keeps its pages."""
+        src = self._hosts[0].check_row(src, "src")
+        tgt = self._hosts[0].check_row(tgt, "tgt")
+        for host in self._hosts:
+            host.copy_row(src, tgt)
+
+    def swap_row(self, src: int, tgt: int) -> None:
+        """Exchange rows ``src`` and ``tgt`` (pages and counts) in every group."""
+        src = self._hosts[0].check_row(src, "src")
+        tgt = self._hosts[0].check_row(tgt, "tgt")
+        for host in self._hosts:
+            host.swap_rows(src, tgt)
+
+    def append_rows_batch(
+        self, page_ids_per_req: Sequence[Sequence[PageIds]], req_indices: Sequence[int]
+    ) -> None:
+        """Append ``page_ids_per_req[i][g]`` to row ``req_indices[i]`` of group ``g``.
+
+        A row named twice receives both appends in order; capacity is checked for the total.
+        """
+        if len(page_ids_per_req) != len(req_indices):
+            raise ValueError(
+                f"append_rows_batch got {len(page_ids_per_req)} page-id lists for "
+                f"{len(req_indices)} rows"
+            )
+        first = self._hosts[0]
+        rows = [first.check_row(r) for r in req_indices]
+        extra: dict[tuple[int, int], int] = {}
+        checked: list[list[PageIds]] = []
+        for row, per_group in zip(rows, page_ids_per_req, strict=True):
+            per_group = group_lists(per_group, len(self._hosts))
+            ids_row = []
+            for g, (host, ids) in enumerate(zip(self._hosts, per_group, strict=True)):
+                ids = host.check_ids(ids)
+                key = (g, row)
+                total = extra.get(key, 0) + len(ids)
+                host.check_room(row, total)
+                extra[key] = total
+                ids_row.append(ids)
+            checked.append(ids_row)
+        for row, ids_row in zip(rows, checked, strict=True):
+            for host, ids in zip(self._hosts, ids_row, strict=True):
+                host.append(row, ids)
