@@ -64,7 +64,9 @@ def page_id_array(page_ids: object, num_pages: int | None) -> np.ndarray:
             bad = max(page_ids, key=lambda p: abs(int(p)))
             raise ValueError(f"page id {bad} is out of range: allowed 0..{MAX_PAGE_ID}") from None
     else:
-        raise ValueError(f"page ids must be a list or 1-D integer array, got {type(page_ids).__name__}")
+        raise ValueError(
+            f"page ids must be a list or 1-D integer array, got {type(page_ids).__name__}"
+        )
     limit = MAX_PAGE_ID if num_pages is None else num_pages - 1
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi > limit:

@@ -1,0 +1,35 @@
+"""What a commit returns: the epoch, and per shard the rows and bytes sent and a checksum."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ShardReceipt:
+    shard: int
+    rows: int  # row updates sent to this shard, over all groups
+    bytes: int  # size of the wire message
+    checksum: int  # u64 checksum of the shard's published rows, confirmed by the shard
+
+
+@dataclass(frozen=True)
+class CommitReceipt:
+    """``epoch`` is the epoch now published; ``changed`` is False when nothing was sent."""
+
+    epoch: int
+    num_reqs: int
+    changed: bool
+    shards: tuple[ShardReceipt, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def checksums(self) -> tuple[int, ...]:
+        return tuple(s.checksum for s in self.shards)

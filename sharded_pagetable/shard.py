@@ -1,0 +1,221 @@
+"""A shard: the numpy tables of its rows per group, their device buffers and its epoch.
+
+The same class runs inside the driver (``backend="local"``) and inside a Ray actor
+(``backend="ray"``). Its only input is wire bytes; it applies an epoch's batch with
+vectorised numpy, updates just the touched rows on its devices, and can step back one epoch
+(the undo of the last batch is kept) so a commit that failed elsewhere publishes nowhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from . import checksum
+from .checksum import segment_index
+from .constants import PAGE_TABLE_PADDING_VAL
+from .device import DeviceRows, assemble
+from .errors import WireFormatError
+from .layout import ShardLayout
+from .wire import OP_APPEND, GroupBatch, WireLimits, decode
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a shard needs to build itself; identical in every process.
+
+    Args:
+      shard_id: this shard's index.
+      layout: the routing layout (rows, shards, device blocks).
+      widths: pages per row of each KV-cache group.
+      warmup: compile the device update buckets at start-up.
+    """
+
+    shard_id: int
+    layout: ShardLayout
+    widths: tuple[int, ...]
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard_id < self.layout.num_shards:
+            raise ValueError(
+                f"shard_id={self.shard_id} is out of range for {self.layout.num_shards} shards"
+            )
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A shard's answer to a batch: the epoch it now holds and the checksum of its rows."""
+
+    shard: int
+    epoch: int
+    checksum: int
+    rows: int
+    applied: bool
+
+
+def check_group(counts: np.ndarray, batch: GroupBatch, g: int) -> None:
+    """Refuse a batch whose appends do not start at the rows' held counts."""
+    app = batch.op == OP_APPEND
+    if np.any(app):
+        held = counts[batch.row[app]]
+        if np.any(held != batch.start[app]):
+            i = int(np.flatnonzero(held != batch.start[app])[0])
+            raise WireFormatError(
+                f"group {g}: APPEND to local row {int(batch.row[app][i])} starts at "
+                f"{int(batch.start[app][i])} but the row holds {int(held[i])} pages"
+            )
+
+
+def apply_group(table: np.ndarray, counts: np.ndarray, batch: GroupBatch) -> None:
+    """Write ``batch`` into ``table`` (``i32[rows, P]``) and ``counts`` without a Python loop."""
+    if batch.size == 0:
+        return
+    old = counts[batch.row]
+    shrink = old > batch.count
+    if np.any(shrink):
+        r, c = segment_index(batch.row[shrink], batch.count[shrink], old[shrink])
+        table[r, c] = PAGE_TABLE_PADDING_VAL
+    r, c = segment_index(batch.row, batch.start, batch.count)
+    table[r, c] = batch.pages
+    counts[batch.row] = batch.count
+
+
+@dataclass
+class _Undo:
+    epoch: int
+    digest: bytes | None
+    checksum: int
+    # per group: rows touched, old counts, old checksum terms, replaced-row mask, old rows
+    # of the replaced ones
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+class Shard:
+    """Rows ``layout.shard_rows(shard_id)`` of every group, on the host and on devices."""
+
+    def __init__(self, spec: ShardSpec, sharding: jax.sharding.Sharding) -> None:
+        layout = spec.layout
+        rows = layout.shard_rows(spec.shard_id)
+        self.spec = spec
+        self.sharding = sharding
+        self.lo, self.hi = rows.start, rows.stop
+        self.limits = WireLimits(layout.rows_per_shard, spec.widths)
+        n = layout.rows_per_shard
+        self.tables = [np.full((n, w), PAGE_TABLE_PADDING_VAL, np.int32) for w in spec.widths]
+        self.counts = [np.zeros(n, np.int32) for _ in spec.widths]
+        self.inner = [np.zeros(n, np.uint64) for _ in spec.widths]  # checksum terms per row
+        self.checksum = 0
+        self.epoch = 0
+        self._digest: bytes | None = None
+        self._undo: _Undo | None = None
+        self.devices = [
+            DeviceRows(
+                (layout.max_num_reqs, w), sharding, table, self.lo, self.hi, warmup=spec.warmup
+            )
+            for w, table in zip(spec.widths, self.tables, strict=True)
+        ]
+
+    def _ack(self, rows: int, applied: bool) -> Ack:
+        return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied)
+
+    def apply(self, message: bytes) -> Ack:
+        """Apply one epoch's batch; a re-sent epoch is acknowledged without applying it again."""
+        batch = decode(message, self.limits)
+        if batch.shard != self.spec.shard_id:
+            raise WireFormatError(
+                f"batch for shard {batch.shard} sent to shard {self.spec.shard_id}"
+            )
+        digest = hashlib.blake2b(message, digest_size=16).digest()
+        if batch.epoch == self.epoch:
+            if digest != self._digest:
+                raise WireFormatError(f"epoch {batch.epoch} was already applied with other content")
+            return self._ack(batch.rows, applied=False)
+        if batch.base != self.epoch:
+            raise WireFormatError(
+                f"batch for epoch {batch.epoch} builds on epoch {batch.base}, "
+                f"but shard {self.spec.shard_id} holds epoch {self.epoch}"
+            )
+        for g, gb in enumerate(batch.groups):
+            check_group(self.counts[g], gb, g)
+        undo = _Undo(self.epoch, self._digest, self.checksum, [])
+        total = self.checksum
+        for g, gb in enumerate(batch.groups):
+            rows = gb.row
+            old_inner = self.inner[g][rows]
+            replaced = gb.op != OP_APPEND
+            # Appends are undone by truncation; only replaced rows need their old content.
+            undo.groups.append(
+                (rows, self.counts[g][rows], old_inner, replaced, self.tables[g][rows[replaced]])
+            )
+            new_inner = checksum.updated_inner(old_inner, gb.start, gb.count, gb.pages)
+            total = checksum.add(
+                total, checksum.total_delta(g, rows + self.lo, old_inner, new_inner)
+            )
+            apply_group(self.tables[g], self.counts[g], gb)
+            self.inner[g][rows] = new_inner
+            self.devices[g].update(rows + self.lo, self.tables[g][rows])
+        self._undo = undo
+        self.checksum = total
+        self.epoch = batch.epoch
+        self._digest = digest
+        return self._ack(batch.rows, applied=True)
+
+    def rollback(self, epoch: int) -> Ack:
+        """Step back from ``epoch`` to the epoch before it (no-op if ``epoch`` is not held)."""
+        if self.epoch != epoch:
+            return self._ack(0, applied=False)
+        undo = self._undo
+        if undo is None:
+            raise RuntimeError(f"shard {self.spec.shard_id} cannot step back from epoch {epoch}")
+        for g, (rows, counts, inner, replaced, old_rows) in enumerate(undo.groups):
+            table = self.tables[g]
+            appended = ~replaced
+            r, c = segment_index(rows[appended], counts[appended], self.counts[g][rows[appended]])
+            table[r, c] = PAGE_TABLE_PADDING_VAL
+            table[rows[replaced]] = old_rows
+            self.counts[g][rows] = counts
+            self.inner[g][rows] = inner
+            self.devices[g].update(rows + self.lo, table[rows])
+        self.epoch, self._digest, self.checksum = undo.epoch, undo.digest, undo.checksum
+        self._undo = None
+        return self._ack(0, applied=True)
+
+    def reseed(self, epoch: int, tables: list[np.ndarray], counts: list[np.ndarray]) -> Ack:
+        """Replace every row with ``tables``/``counts`` (from the coordinator's mirror)."""
+        total = 0
+        for g, (table, count) in enumerate(zip(tables, counts, strict=True)):
+            self.tables[g][...] = table
+            self.counts[g][...] = count
+            n = np.arange(count.size)
+            r, c = segment_index(n, np.zeros_like(count), count)
+            pages = table[r, c]
+            self.inner[g][...] = checksum.updated_inner(
+                np.zeros(count.size, np.uint64), np.zeros_like(count), count, pages
+            )
+            total = checksum.add(
+                total,
+                checksum.total_delta(
+                    g, n + self.lo, np.zeros(count.size, np.uint64), self.inner[g]
+                ),
+            )
+            self.devices[g].reset(self.tables[g])
+        self.checksum, self.epoch, self._digest, self._undo = total, epoch, None, None
+        return self._ack(0, applied=True)
+
+    def buffers(self, group: int) -> list[jax.Array]:
+        return self.devices[group].buffers()
+
+    def group_arrays(self) -> list[jax.Array]:
+        """Each group's global array built from this process's buffers (multi-controller)."""
+        return [assemble(d.shape, self.sharding, d.buffers()) for d in self.devices]
+
+    def snapshot(self, group: int) -> np.ndarray:
+        """``i32[rows_per_shard, P]`` copy of this shard's rows as its devices hold them."""
+        return self.devices[group].to_numpy()
+
+    def host_state(self) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+        return self.epoch, [t.copy() for t in self.tables], [c.copy() for c in self.counts]
