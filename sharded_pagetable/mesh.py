@@ -48,11 +48,11 @@ def check_ownership(
     ``shard_process`` maps shard index -> JAX process index that hosts it.
     """
     axis = mesh.axis_names.index(row_axis)
-    devs = np.moveaxis(mesh.devices, axis, 0)  # [row blocks, ...replicas]
+    devs = np.moveaxis(mesh.devices, axis, 0).reshape(layout.num_blocks, -1)  # [block, replica]
     for block in range(layout.num_blocks):
         shard = layout.shard_of_block(block)
         want = shard_process[shard]
-        for device in devs[block].ravel():
+        for device in devs[block]:
             if device.process_index != want:
                 raise ValueError(
                     f"mesh refused: row block {block} (rows "

@@ -1,0 +1,165 @@
+"""``backend="ray"``: one shard actor per shard, each a JAX process of one multi-controller job."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError
+
+from sharded_pagetable.config import RayOptions
+from sharded_pagetable.errors import ShardFailedError
+from sharded_pagetable.shard import Ack, ShardSpec
+
+from .cluster import connect, release, spread_strategies
+from .shard_actor import ShardActor
+
+log = logging.getLogger(__name__)
+
+
+class ShardTimeoutError(TimeoutError):
+    """A shard did not answer within ``ray.timeout_s``."""
+
+
+class RayBackend:
+    """Shard actors on a Ray cluster (local Ray on 127.0.0.1 unless an address is given).
+
+    Args:
+      specs: one spec per shard; shard ``i`` becomes JAX process ``i``.
+      mesh_axes: axis sizes of the global mesh, e.g. ``{"data": 8}``.
+      row_axis: the mesh axis rows are split along.
+      options: Ray options (address, devices per shard, timeout, placement).
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ShardSpec],
+        mesh_axes: dict[str, int],
+        row_axis: str,
+        options: RayOptions,
+    ) -> None:
+        self.options = options
+        self.num_shards = len(specs)
+        total = 1
+        for size in mesh_axes.values():
+            total *= size
+        if total != self.num_shards * options.devices_per_shard:
+            raise ValueError(
+                f"mesh {mesh_axes} has {total} devices but {self.num_shards} shards x "
+                f"{options.devices_per_shard} devices_per_shard = "
+                f"{self.num_shards * options.devices_per_shard}"
+            )
+        self._owns_ray = connect(options.address, options.namespace)
+        self._pg = None
+        self.actors: list[Any] = []
+        try:
+            self._start(specs, mesh_axes, row_axis)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, specs: Sequence[ShardSpec], mesh_axes: dict, row_axis: str) -> None:
+        o = self.options
+        gpu = o.platform == "gpu"
+        resources = {"CPU": o.cpus_per_shard}
+        if gpu:
+            resources["GPU"] = o.devices_per_shard
+        strategies: list[Any] = [None] * self.num_shards
+        if o.placement == "spread":
+            bundle = {k: v for k, v in resources.items() if v} or {"CPU": 0.01}
+            self._pg, strategies = spread_strategies(self.num_shards, bundle, o.timeout_s)
+        remote_cls = ray.remote(ShardActor)
+        for i, strategy in enumerate(strategies):
+            opts: dict[str, Any] = {
+                "num_cpus": resources["CPU"] if o.placement != "spread" else 0,
+                "max_restarts": 0,
+                "max_concurrency": 1,
+            }
+            if o.placement == "spread":
+                opts["num_cpus"] = bundle.get("CPU", 0)
+            if gpu:
+                opts["num_gpus"] = o.devices_per_shard
+            if strategy is not None:
+                opts["scheduling_strategy"] = strategy
+            self.actors.append(
+                remote_cls.options(**opts).remote(i, self.num_shards, o.devices_per_shard, o.platform)
+            )
+        t0 = time.perf_counter()
+        address = ray.get(self.actors[0].node_address.remote(), timeout=max(o.timeout_s, 120))
+        heartbeat = max(10, int(o.timeout_s * 2))
+        refs = [
+            a.start.remote(address, spec, mesh_axes, row_axis, heartbeat)
+            for a, spec in zip(self.actors, specs, strict=True)
+        ]
+        self.placements = self._gather(refs, "start", timeout=max(o.timeout_s, 180))
+        self.start_seconds = time.perf_counter() - t0
+        log.info("started %d shard actors in %.1fs", self.num_shards, self.start_seconds)
+
+    # -- calls -----------------------------------------------------------------------
+
+    def _results(self, refs: list, timeout: float) -> list[Any]:
+        """Per-ref result or the exception it raised; a ref not ready in time gets a timeout."""
+        try:
+            return ray.get(refs, timeout=timeout)
+        except Exception:
+            pass
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        ready_set = set(ready)
+        out: list[Any] = []
+        for i, ref in enumerate(refs):
+            if ref not in ready_set:
+                out.append(ShardTimeoutError(f"shard {i} did not answer within {timeout}s"))
+                continue
+            try:
+                out.append(ray.get(ref))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _gather(self, refs: list, what: str, timeout: float | None = None) -> list[Any]:
+        results = self._results(refs, self.options.timeout_s if timeout is None else timeout)
+        for i, res in enumerate(results):
+            if isinstance(res, BaseException):
+                raise ShardFailedError(i, -1, f"{what} failed: {type(res).__name__}: {res}")
+        return results
+
+    def apply(self, messages: Sequence[bytes]) -> list[Ack | BaseException]:
+        refs = [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
+        return self._results(refs, self.options.timeout_s)
+
+    def rollback(self, shards: Sequence[int], epoch: int) -> list[Ack | BaseException]:
+        refs = [self.actors[i].rollback.remote(epoch) for i in shards]
+        return self._results(refs, self.options.timeout_s)
+
+    def device_snapshot(self, group: int) -> np.ndarray:
+        parts = self._gather([a.snapshot.remote(group) for a in self.actors], "snapshot")
+        return np.concatenate(parts)
+
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        return self._gather([a.run.remote(fn, args) for a in self.actors], "run_on_shards")
+
+    def epochs(self) -> list[int]:
+        return self._gather([a.epoch.remote() for a in self.actors], "epoch")
+
+    def pids(self) -> list[int]:
+        return self._gather([a.pid.remote() for a in self.actors], "pid")
+
+    def close(self) -> None:
+        actors, self.actors = self.actors, []
+        if actors:
+            refs = [a.shutdown.remote() for a in actors]
+            ray.wait(refs, num_returns=len(refs), timeout=10)
+            for a in actors:
+                try:
+                    ray.kill(a)
+                except Exception as exc:  # already dead
+                    log.debug("kill failed: %s", exc)
+        release(self._pg)
+        self._pg = None
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False

@@ -1,0 +1,62 @@
+"""Connecting to Ray and placing shard actors."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None, namespace: str) -> bool:
+    """Join the cluster at ``address`` or start a local Ray bound to 127.0.0.1.
+
+    Returns True when this call started Ray (so the caller owns its shutdown).
+    """
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            namespace=namespace,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    else:
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+    return True
+
+
+def spread_strategies(num_shards: int, resources: dict, timeout_s: float):
+    """One STRICT_SPREAD bundle per shard; raises if the cluster has too few nodes."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < num_shards:
+        raise RuntimeError(
+            f"placement: spread needs one node per shard: {num_shards} shards but the "
+            f"cluster has {len(nodes)} alive node(s); add nodes or use placement: pack"
+        )
+    pg = placement_group([dict(resources) for _ in range(num_shards)], strategy="STRICT_SPREAD")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"placement: spread could not place {num_shards} shards on distinct nodes within "
+            f"{timeout_s:.0f}s (resources per shard: {resources})"
+        )
+    strategies = [
+        PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        for i in range(num_shards)
+    ]
+    return pg, strategies
+
+
+def release(pg) -> None:
+    if pg is not None:
+        try:
+            remove_placement_group(pg)
+        except Exception as exc:  # the cluster may already be gone
+            log.debug("placement group removal failed: %s", exc)

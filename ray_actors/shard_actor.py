@@ -1,0 +1,116 @@
+"""The shard actor: one JAX process of a multi-controller job, owning one shard's rows.
+
+Each actor sets its device count before JAX starts, joins the job with
+``jax.distributed.initialize`` (shard 0's node hosts the JAX coordinator on a port it
+picks), builds the same global mesh as every other actor, refuses a mesh on which its rows
+would live elsewhere, and from then on only takes wire bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class ShardActor:
+    """Hosts a :class:`sharded_pagetable.shard.Shard`; wrapped with ``ray.remote`` by the
+    backend so resources and placement are chosen at creation time."""
+
+    def __init__(self, shard_id: int, num_shards: int, devices: int, platform: str) -> None:
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        if platform == "cpu":
+            os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+
+        if platform == "cpu":
+            jax.config.update("jax_num_cpu_devices", devices)
+        self._devices = devices
+        self._shard = None
+        self._joined = False
+
+    def node_address(self) -> str:
+        """``ip:port`` on this node for the JAX coordinator service (called on shard 0)."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        return f"{ip}:{port}"
+
+    def start(
+        self,
+        coordinator: str,
+        spec: Any,
+        mesh_axes: Mapping[str, int],
+        row_axis: str,
+        heartbeat_timeout_s: int,
+    ) -> dict[str, Any]:
+        """Join the JAX job, build the mesh and the shard; returns where it landed."""
+        import jax
+        import ray
+
+        from sharded_pagetable.layout import ShardLayout
+        from sharded_pagetable.mesh import build_mesh, check_ownership, row_sharding
+        from sharded_pagetable.shard import Shard
+
+        kwargs = {}
+        if self.shard_id == 0:
+            kwargs["coordinator_bind_address"] = coordinator
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=self.num_shards,
+            process_id=self.shard_id,
+            initialization_timeout=120,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            **kwargs,
+        )
+        self._joined = True
+        if jax.process_index() != self.shard_id:
+            raise RuntimeError(
+                f"shard {self.shard_id} joined as JAX process {jax.process_index()}"
+            )
+        mesh = build_mesh(mesh_axes, row_axis)
+        layout: ShardLayout = spec.layout
+        check_ownership(mesh, row_axis, layout, {s: s for s in range(layout.num_shards)})
+        self._shard = Shard(spec, row_sharding(mesh, row_axis))
+        return {
+            "shard": self.shard_id,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "devices": [str(d) for d in jax.local_devices()],
+            "rows": (self._shard.lo, self._shard.hi),
+        }
+
+    def apply(self, message: bytes):
+        return self._shard.apply(message)
+
+    def rollback(self, epoch: int):
+        return self._shard.rollback(epoch)
+
+    def reseed(self, epoch: int, tables, counts):
+        return self._shard.reseed(epoch, tables, counts)
+
+    def snapshot(self, group: int):
+        return self._shard.snapshot(group)
+
+    def epoch(self) -> int:
+        return self._shard.epoch
+
+    def run(self, fn: Callable[..., Any], args: tuple) -> Any:
+        return fn(self._shard.group_arrays(), *args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        import jax
+
+        self._shard = None
+        if self._joined:
+            self._joined = False
+            jax.distributed.shutdown()
