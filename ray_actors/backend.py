@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError
 
 from sharded_pagetable.config import RayOptions
 from sharded_pagetable.errors import ShardFailedError
@@ -86,7 +85,9 @@ class RayBackend:
             if strategy is not None:
                 opts["scheduling_strategy"] = strategy
             self.actors.append(
-                remote_cls.options(**opts).remote(i, self.num_shards, o.devices_per_shard, o.platform)
+                remote_cls.options(**opts).remote(
+                    i, self.num_shards, o.devices_per_shard, o.platform
+                )
             )
         t0 = time.perf_counter()
         address = ray.get(self.actors[0].node_address.remote(), timeout=max(o.timeout_s, 120))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -19,6 +20,7 @@ def connect(address: str | None, namespace: str) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
+        _loopback_only()
         ray.init(
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
@@ -29,6 +31,20 @@ def connect(address: str | None, namespace: str) -> bool:
     else:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
     return True
+
+
+def _loopback_only() -> None:
+    """Make a locally started Ray bind every service to 127.0.0.1.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is rewritten to the host's routable
+    address; Ray keeps services on loopback only when it believes clustering is off, which
+    it reads from this environment variable (inherited by the processes it spawns) and from
+    a constant already loaded in this process.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def spread_strategies(num_shards: int, resources: dict, timeout_s: float):

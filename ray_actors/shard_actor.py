@@ -70,9 +70,7 @@ class ShardActor:
         )
         self._joined = True
         if jax.process_index() != self.shard_id:
-            raise RuntimeError(
-                f"shard {self.shard_id} joined as JAX process {jax.process_index()}"
-            )
+            raise RuntimeError(f"shard {self.shard_id} joined as JAX process {jax.process_index()}")
         mesh = build_mesh(mesh_axes, row_axis)
         layout: ShardLayout = spec.layout
         check_ownership(mesh, row_axis, layout, {s: s for s in range(layout.num_shards)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .host import HostRows, PageIds
+from .slot_mapping import compute_slot_mapping
 from .validation import group_lists
 
 
@@ -17,6 +18,8 @@ class MultiGroupRowOps:
     """The seed's ``MultiGroupPageTable`` row API over ``self._hosts``."""
 
     _hosts: list[HostRows]
+    page_sizes: tuple[int, ...]
+    max_num_batched_tokens: int
 
     @property
     def num_groups(self) -> int:
@@ -95,3 +98,18 @@ class MultiGroupRowOps:
         for row, ids_row in zip(rows, checked, strict=True):
             for host, ids in zip(self._hosts, ids_row, strict=True):
                 host.append(row, ids)
+
+    def compute_slot_mapping(self, group: int, req_indices: object, positions: object):
+        """``i32[max_num_batched_tokens]`` slots of the scheduled tokens in ``group``, from
+        the host table (see :mod:`sharded_pagetable.slot_mapping`)."""
+        if not 0 <= group < len(self._hosts):
+            raise IndexError(f"group {group} is out of range: valid 0..{len(self._hosts) - 1}")
+        host = self._hosts[group]
+        return compute_slot_mapping(
+            host.table,
+            host.counts,
+            self.page_sizes[group],
+            req_indices,
+            positions,
+            self.max_num_batched_tokens,
+        )

@@ -1,0 +1,259 @@
+"""A deterministic serving workload that drives a page table like a scheduler does.
+
+Requests arrive with prompt and output lengths drawn from configurable ranges; prefill is
+chunked under a per-step token budget; decode adds one token per step; finished requests
+free their rows and pages. The persistent batch is kept dense (condense: move the last live
+row into a hole) with decode rows first (reorder: swap), so rows travel between shards.
+Pages come from per-group free lists and return there when a request finishes, so no page id
+is ever held by two live rows.
+
+The workload never reads the table: each :meth:`ServingWorkload.step` returns the row
+operations as data, so the same seed replays identically on any table.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .constants import cdiv
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """Arrival and length distributions (uniform over inclusive ranges) and the step budget.
+
+    Args:
+      seed: makes the whole run reproducible.
+      arrivals_per_step: mean of the Poisson number of new requests per step.
+      prompt_len, output_len: ``(min, max)`` tokens.
+      token_budget: tokens scheduled per step (``max_num_batched_tokens``).
+      pages_per_group: size of each group's page pool (default: enough for a full table).
+    """
+
+    seed: int = 0
+    arrivals_per_step: float = 4.0
+    prompt_len: tuple[int, int] = (32, 1024)
+    output_len: tuple[int, int] = (16, 256)
+    token_budget: int = 2048
+    pages_per_group: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_len", "output_len"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {lo, hi}")
+        if self.arrivals_per_step < 0:
+            raise ValueError(f"arrivals_per_step must be >= 0, got {self.arrivals_per_step}")
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget must be positive, got {self.token_budget}")
+
+
+@dataclass
+class Request:
+    rid: int
+    prompt_len: int
+    output_len: int
+    computed: int = 0  # tokens whose KV is written
+    generated: int = 0
+    scheduled: int = 0  # tokens scheduled in the current step
+    pages: list[list[int]] = field(default_factory=list)  # per group
+
+    @property
+    def total_len(self) -> int:
+        return self.prompt_len + self.output_len
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < self.prompt_len
+
+
+@dataclass(frozen=True)
+class Step:
+    """One scheduler step: row ops in call order, the batch size, and scheduled tokens."""
+
+    ops: tuple[tuple[str, tuple[Any, ...]], ...]
+    num_reqs: int
+    token_rows: np.ndarray  # i32[T] row of each scheduled token
+    token_positions: np.ndarray  # i32[T] position of each scheduled token
+    finished: int
+    admitted: int
+
+
+def apply_ops(table: Any, ops: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+    """Replay a step's row operations on any table with the page-table API."""
+    for name, args in ops:
+        getattr(table, name)(*args)
+
+
+class ServingWorkload:
+    """Generates scheduler steps for a table of ``max_num_reqs`` rows.
+
+    Example::
+
+      wl = ServingWorkload(WorkloadConfig(seed=1), 256, 8192, [16, 64])
+      step = wl.step()
+      apply_ops(table, step.ops)
+      table.commit(step.num_reqs)
+    """
+
+    def __init__(
+        self,
+        config: WorkloadConfig,
+        max_num_reqs: int,
+        max_model_len: int,
+        page_sizes: Sequence[int],
+    ) -> None:
+        if config.prompt_len[1] + config.output_len[1] > max_model_len:
+            raise ValueError(
+                f"prompt_len max + output_len max = "
+                f"{config.prompt_len[1] + config.output_len[1]} exceeds max_model_len={max_model_len}"
+            )
+        self.config = config
+        self.max_num_reqs = max_num_reqs
+        self.page_sizes = tuple(page_sizes)
+        self._rng = np.random.default_rng(config.seed)
+        pools = config.pages_per_group or tuple(
+            max_num_reqs * cdiv(max_model_len, s) for s in self.page_sizes
+        )
+        self.free_pages = [deque(range(n)) for n in pools]
+        self.reserved = [0] * len(self.page_sizes)  # pages promised to admitted requests
+        self.waiting: deque[Request] = deque()
+        self.rows: list[Request] = []  # the persistent batch: rows[i] lives in row i
+        self._next_rid = 0
+        self.served = 0
+
+    def _pages_for(self, tokens: int) -> list[int]:
+        return [cdiv(tokens, s) for s in self.page_sizes]
+
+    def _arrive(self) -> None:
+        cfg = self.config
+        for _ in range(self._rng.poisson(cfg.arrivals_per_step)):
+            p = int(self._rng.integers(cfg.prompt_len[0], cfg.prompt_len[1] + 1))
+            o = int(self._rng.integers(cfg.output_len[0], cfg.output_len[1] + 1))
+            self.waiting.append(Request(self._next_rid, p, o))
+            self._next_rid += 1
+
+    def _grow(self, req: Request, tokens: int) -> list[list[int]]:
+        """New pages per group so ``req`` can hold ``tokens`` tokens."""
+        new = []
+        for g, need in enumerate(self._pages_for(tokens)):
+            have = len(req.pages[g])
+            ids = [self.free_pages[g].popleft() for _ in range(need - have)]
+            self.reserved[g] -= len(ids)
+            req.pages[g].extend(ids)
+            new.append(ids)
+        return new
+
+    def _finish_and_condense(self, ops: list) -> int:
+        """Clear finished rows, return their pages, and move the last live rows into holes."""
+        rows: list[Request | None] = list(self.rows)
+        finished = 0
+        for i, req in enumerate(self.rows):
+            if req.generated >= req.output_len:
+                ops.append(("clear_row", (i,)))
+                for g, ids in enumerate(req.pages):
+                    self.free_pages[g].extend(ids)
+                    self.reserved[g] -= self._pages_for(req.total_len)[g] - len(ids)
+                rows[i] = None
+                finished += 1
+        lo, hi = 0, len(rows) - 1
+        while True:
+            while hi >= 0 and rows[hi] is None:
+                hi -= 1
+            while lo < len(rows) and rows[lo] is not None:
+                lo += 1
+            if lo >= hi:
+                break
+            ops.append(("move_row", (hi, lo)))
+            ops.append(("clear_row", (hi,)))
+            rows[lo], rows[hi] = rows[hi], None
+        self.rows = [r for r in rows if r is not None]
+        self.served += finished
+        return finished
+
+    def _admit(self, ops: list, budget: int) -> tuple[int, int]:
+        """Admit waiting requests while rows, budget and page reservations allow."""
+        admitted = 0
+        while self.waiting and len(self.rows) < self.max_num_reqs and budget > 0:
+            req = self.waiting[0]
+            need = self._pages_for(req.total_len)
+            if any(len(self.free_pages[g]) - self.reserved[g] < n for g, n in enumerate(need)):
+                break
+            self.waiting.popleft()
+            for g, n in enumerate(need):
+                self.reserved[g] += n
+            req.pages = [[] for _ in self.page_sizes]
+            req.scheduled = min(req.prompt_len, budget)
+            ops.append(("add_row", (self._grow(req, req.scheduled), len(self.rows))))
+            self.rows.append(req)
+            budget -= req.scheduled
+            admitted += 1
+        return admitted, budget
+
+    def _reorder(self, ops: list) -> None:
+        """Decode rows first: swap a prefill row near the front with a decode row near the back."""
+        rows = self.rows
+        i, j = 0, len(rows) - 1
+        while True:
+            while i < len(rows) and not rows[i].in_prefill:
+                i += 1
+            while j >= 0 and rows[j].in_prefill:
+                j -= 1
+            if i >= j:
+                break
+            ops.append(("swap_row", (i, j)))
+            rows[i], rows[j] = rows[j], rows[i]
+
+    def step(self) -> Step:
+        """Advance one scheduler step and return its row operations."""
+        ops: list[tuple[str, tuple[Any, ...]]] = []
+        finished = self._finish_and_condense(ops)
+        self._reorder(ops)
+        # Running requests first: one token per decode row, then prefill chunks.
+        budget = self.config.token_budget
+        for req in self.rows:
+            req.scheduled = 0
+            if not req.in_prefill and budget > 0:
+                req.scheduled, budget = 1, budget - 1
+        for req in self.rows:
+            if req.in_prefill and budget > 0:
+                req.scheduled = min(req.prompt_len - req.computed, budget)
+                budget -= req.scheduled
+        grown_rows, grown_ids = [], []
+        for i, req in enumerate(self.rows):
+            if req.scheduled:
+                new = self._grow(req, req.computed + req.scheduled)
+                if any(new):
+                    grown_rows.append(i)
+                    grown_ids.append(new)
+        if grown_rows:
+            ops.append(("append_rows_batch", (grown_ids, grown_rows)))
+        self._arrive()
+        admitted, budget = self._admit(ops, budget)
+        tok_rows, tok_pos = [], []
+        for i, req in enumerate(self.rows):
+            n = req.scheduled
+            if n:
+                tok_rows.append(np.full(n, i, np.int32))
+                tok_pos.append(np.arange(req.computed, req.computed + n, dtype=np.int32))
+                req.computed += n
+                if req.computed >= req.prompt_len:
+                    req.generated += 1
+        empty = np.empty(0, np.int32)
+        return Step(
+            tuple(ops),
+            len(self.rows),
+            np.concatenate(tok_rows) if tok_rows else empty,
+            np.concatenate(tok_pos) if tok_pos else empty,
+            finished,
+            admitted,
+        )
+
+    def live_pages(self) -> list[list[int]]:
+        """Page ids per group held by the live requests (for the no-double-use check)."""
+        return [[p for r in self.rows for p in r.pages[g]] for g in range(len(self.page_sizes))]
