@@ -117,7 +117,9 @@ class DeviceRows:
     def reset(self, host: np.ndarray) -> None:
         """Upload ``host`` (``i32[hi - lo, P]``) to every owned device, replacing all rows."""
         for device, (start, stop) in self._blocks.items():
-            block = np.ascontiguousarray(host[start - self.lo : stop - self.lo], dtype=np.int32)
+            # A private copy: on CPU, device_put may alias an aligned numpy buffer, and the
+            # host table keeps changing after this call.
+            block = np.array(host[start - self.lo : stop - self.lo], dtype=np.int32, copy=True)
             self._buffers[device] = jax.device_put(block, device)
 
     def update(self, rows: np.ndarray, values: np.ndarray) -> int:

@@ -1,0 +1,148 @@
+"""ShardedPageTable with in-process shards against the single-process table."""
+
+import jax
+import numpy as np
+import pytest
+from differential import random_ops, run_differential
+
+import sharded_pagetable as sp
+from sharded_pagetable.checks import addressable_rows, host_row_digests, row_digests
+
+ROWS, MAX_LEN, PAGE_SIZES = 64, 512, (16, 64)
+WIDTHS = tuple(sp.cdiv(MAX_LEN, s) for s in PAGE_SIZES)
+
+
+def make(num_shards: int, **kw) -> sp.ShardedPageTable:
+    return sp.ShardedPageTable(ROWS, MAX_LEN, 256, PAGE_SIZES, num_shards=num_shards, **kw)
+
+
+def snapshot(table, g):
+    return table.device_snapshot(g)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 4])
+@pytest.mark.parametrize("seed", range(12))
+def test_differential_local(num_shards, seed):
+    table = make(num_shards)
+    reference = sp.MultiGroupPageTable(ROWS, MAX_LEN, 256, PAGE_SIZES)
+    commits = run_differential(table, reference, random_ops(seed, ROWS, WIDTHS, 250), snapshot)
+    assert commits > 10
+    # The global array is row-sharded over the mesh and equals the snapshot.
+    arr = table[0].get_device_tensor()
+    assert arr.sharding.spec == jax.sharding.PartitionSpec("data", None)
+    np.testing.assert_array_equal(np.asarray(arr), table.device_snapshot(0))
+
+
+def test_cross_shard_move_and_swap_reach_both_shards():
+    with make(4) as t:
+        rps = t.layout.rows_per_shard
+        t.add_row([[1, 2, 3], [4]], 0)
+        t.add_row([[9], [8, 7]], 3 * rps + 1)
+        t.move_row(0, rps + 5)  # shard 0 -> shard 1
+        t.swap_row(0, 3 * rps + 1)  # shard 0 <-> shard 3
+        receipt = t.commit(ROWS)
+        assert [s.rows for s in receipt.shards] == [2, 2, 0, 2]  # rows x groups per shard
+        snap = t.device_snapshot(0)
+        assert snap[rps + 5, :4].tolist() == [1, 2, 3, 0]
+        assert snap[0, :2].tolist() == [9, 0]
+        assert snap[3 * rps + 1, :4].tolist() == [1, 2, 3, 0]
+
+
+def test_commit_receipt_epochs_and_idle_commit():
+    with make(2) as t:
+        assert not t.commit(ROWS).changed
+        t.append_row([[1], [2]], 5)
+        r1 = t.commit(ROWS)
+        assert (r1.epoch, r1.changed, r1.rows) == (1, True, 2)
+        assert r1.shards[0].bytes > 0 and len(r1.shards) == 2
+        r2 = t.commit(ROWS)
+        assert (r2.epoch, r2.changed, r2.rows, r2.bytes) == (1, False, 0, 0)
+        # A change past num_reqs waits for a commit that covers it.
+        t.append_row([[3], [4]], 40)
+        assert not t.commit(40).changed
+        assert t.commit(41).epoch == 2
+
+
+def test_run_on_shards_jitted_reduction_matches_mirror():
+    with make(4) as t:
+        for r in range(0, ROWS, 3):
+            t.add_row([[r, r + 1], [r * 2]], r)
+        t.commit(ROWS)
+        results = t.run_on_shards(row_digests)
+        assert len(results) == 4
+        for g in range(2):
+            want = host_row_digests(t[g].get_cpu_tensor())
+            for per_shard in results:
+                np.testing.assert_array_equal(per_shard[g], want)
+        blocks = t.run_on_shards(addressable_rows)[0][0]
+        assert [(lo, hi) for _, lo, hi in blocks] == [(i * 8, i * 8 + 8) for i in range(8)]
+
+
+def test_failed_commit_on_a_refusing_shard_publishes_nothing():
+    """A shard that refuses its batch makes commit raise; shards that applied step back."""
+    with make(4) as t:
+        t.add_row([[1], [1]], 0)
+        t.commit(ROWS)
+        before = [t.device_snapshot(g) for g in range(2)]
+        # Desynchronise shard 2 behind the coordinator's back: its next batch is refused.
+        t._backend.shards[2].epoch = 99
+        for r in (0, 17, 33, 49):
+            t.append_row([[5], [6]], r)
+        with pytest.raises(sp.ShardFailedError, match="shard 2") as info:
+            t.commit(ROWS)
+        assert info.value.shard == 2 and info.value.epoch == 2
+        assert t.epoch == 1
+        assert [s.epoch for s in t._backend.shards] == [1, 1, 99, 1]
+        for g in range(2):
+            np.testing.assert_array_equal(t.device_snapshot(g), before[g])
+        # The mirror kept the pending rows: once the shard is back in step they go out.
+        t._backend.shards[2].epoch = 1
+        assert t.commit(ROWS).epoch == 2
+        assert t.device_snapshot(0)[49, :2].tolist() == [5, 0]
+
+
+def test_bad_calls_change_nothing():
+    with make(2) as t:
+        t.add_row([[1, 2], [3]], 10)
+        t.commit(ROWS)
+        host = [t[g].get_cpu_tensor().copy() for g in range(2)]
+        counts = [t[g].num_pages_per_row.copy() for g in range(2)]
+        dev = [t.device_snapshot(g) for g in range(2)]
+        bad = [
+            lambda: t.append_row([[1], [2]], ROWS),
+            lambda: t.append_row([[1], [2]], -1),
+            lambda: t.append_row([[1], [2.5]], 3),
+            lambda: t.append_row([[1], [2], [3]], 3),
+            lambda: t.add_row([list(range(WIDTHS[0] + 1)), [1]], 3),
+            lambda: t.move_row(1, ROWS),
+            lambda: t.swap_row(-1, 0),
+            lambda: t.append_rows_batch([[[1], [2]]], [1, 2]),
+            lambda: t.commit(ROWS + 1),
+        ]
+        for call in bad:
+            with pytest.raises((ValueError, IndexError)):
+                call()
+            for g in range(2):
+                np.testing.assert_array_equal(t[g].get_cpu_tensor(), host[g])
+                np.testing.assert_array_equal(t[g].num_pages_per_row, counts[g])
+                np.testing.assert_array_equal(t.device_snapshot(g), dev[g])
+
+
+def test_mesh_and_shard_count_errors_name_a_valid_size():
+    with pytest.raises(ValueError, match="num_shards=3"):
+        make(3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sp.ShardedPageTable(60, MAX_LEN, 256, PAGE_SIZES, num_shards=2)
+
+
+def test_two_axis_mesh_replicates_rows_over_the_other_axis():
+    with make(2, mesh={"data": 4, "model": 2}) as t:
+        t.add_row([[4, 5], [6]], 20)
+        t.commit(ROWS)
+        arr = t[0].get_device_tensor()
+        assert len(arr.addressable_shards) == 8
+        for shard in arr.addressable_shards:
+            lo = shard.index[0].start
+            np.testing.assert_array_equal(
+                np.asarray(shard.data), t[0].get_cpu_tensor()[lo : lo + 16]
+            )
