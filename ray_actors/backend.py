@@ -104,11 +104,13 @@ class RayBackend:
 
     def _results(self, refs: list, timeout: float) -> list[Any]:
         """Per-ref result or the exception it raised; a ref not ready in time gets a timeout."""
+        deadline = time.monotonic() + timeout
         try:
             return ray.get(refs, timeout=timeout)
         except Exception:
-            pass
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            pass  # one ref failed (or time ran out): resolve each ref on its own
+        remaining = max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=remaining)
         ready_set = set(ready)
         out: list[Any] = []
         for i, ref in enumerate(refs):
@@ -149,9 +151,11 @@ class RayBackend:
     def pids(self) -> list[int]:
         return self._gather([a.pid.remote() for a in self.actors], "pid")
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Stop every shard actor. ``clean=False`` skips the JAX distributed shutdown (its
+        barrier would wait for a dead process) and kills the actors at once."""
         actors, self.actors = self.actors, []
-        if actors:
+        if actors and clean:
             refs = [a.shutdown.remote() for a in actors]
             ray.wait(refs, num_returns=len(refs), timeout=10)
             for a in actors:

@@ -12,22 +12,29 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 log = logging.getLogger(__name__)
 
 
+def start_local(namespace: str | None = None, num_cpus: int | None = None) -> None:
+    """Start a Ray instance on this machine with every service bound to 127.0.0.1."""
+    _loopback_only()
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        namespace=namespace,
+        num_cpus=num_cpus,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+
+
 def connect(address: str | None, namespace: str) -> bool:
     """Join the cluster at ``address`` or start a local Ray bound to 127.0.0.1.
 
-    Returns True when this call started Ray (so the caller owns its shutdown).
+    Returns True when this call started Ray (so the caller owns its shutdown). When Ray is
+    already initialised in this process it is used as it is.
     """
     if ray.is_initialized():
         return False
     if address is None:
-        _loopback_only()
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            namespace=namespace,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        start_local(namespace)
     else:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
     return True

@@ -29,7 +29,7 @@ class Backend(Protocol):
 
     def epochs(self) -> list[int]: ...
 
-    def close(self) -> None: ...
+    def close(self, clean: bool = True) -> None: ...
 
 
 class LocalBackend:
@@ -78,5 +78,5 @@ class LocalBackend:
             lo, hi = shard.lo, shard.hi
             shard.reseed(epoch, [t[lo:hi] for t in tables], [c[lo:hi] for c in counts])
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         self.shards = []

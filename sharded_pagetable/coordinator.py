@@ -314,7 +314,7 @@ class ShardedPageTable(MultiGroupRowOps):
         """Release the shards (actors and devices). Safe to call twice."""
         backend, self._backend = self._backend, None
         if backend is not None:
-            backend.close()
+            backend.close(clean=self._failed is None)
 
     def __enter__(self) -> ShardedPageTable:
         return self
