@@ -108,8 +108,12 @@ def _check_mirror(table, workload, num_reqs: int) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    overrides = {}
-    config = _load(args.config, overrides)
+    config = _load(args.config, {})
+    if args.address:
+        import dataclasses
+
+        ray_options = dataclasses.replace(config.ray, address=args.address)
+        config = dataclasses.replace(config, ray=ray_options)
     import numpy as np
     from tqdm import tqdm
 
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the serving demo on a config")
     demo.add_argument("--config", default=str(DEFAULT_CONFIG))
+    demo.add_argument("--address", help="Ray cluster address (overrides ray.address)")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--check-every", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
