@@ -40,8 +40,13 @@ class RayBackend:
         mesh_axes: dict[str, int],
         row_axis: str,
         options: RayOptions,
+        *,
+        attach: bool = False,
     ) -> None:
         self.options = options
+        self.specs = list(specs)
+        self.mesh_axes = dict(mesh_axes)
+        self.row_axis = row_axis
         self.num_shards = len(specs)
         total = 1
         for size in mesh_axes.values():
@@ -55,50 +60,83 @@ class RayBackend:
         self._owns_ray = connect(options.address, options.namespace)
         self._pg = None
         self.actors: list[Any] = []
+        self.placements: list[dict[str, Any]] = []
         try:
-            self._start(specs, mesh_axes, row_axis)
+            if attach:
+                self._attach()
+            else:
+                self._start()
         except BaseException:
-            self.close()
+            self.close(clean=False)
             raise
 
-    def _start(self, specs: Sequence[ShardSpec], mesh_axes: dict, row_axis: str) -> None:
+    def actor_name(self, shard: int) -> str:
+        return f"{self.options.name}-shard-{shard}"
+
+    def _attach(self) -> None:
+        """Find the named shard actors of a detached table."""
+        if not self.options.detached:
+            raise ValueError("attach needs ray.detached: true (named, detached shard actors)")
+        for i in range(self.num_shards):
+            try:
+                actor = ray.get_actor(self.actor_name(i), namespace=self.options.namespace)
+            except ValueError:
+                raise ShardFailedError(
+                    i,
+                    -1,
+                    f"no running actor named {self.actor_name(i)!r} in namespace "
+                    f"{self.options.namespace!r}",
+                ) from None
+            self.actors.append(actor)
+        self.placements = self._gather([a.where.remote() for a in self.actors], "attach")
+
+    def _start(self) -> None:
         o = self.options
         gpu = o.platform == "gpu"
-        resources = {"CPU": o.cpus_per_shard}
-        if gpu:
-            resources["GPU"] = o.devices_per_shard
         strategies: list[Any] = [None] * self.num_shards
+        num_cpus = o.cpus_per_shard
         if o.placement == "spread":
-            bundle = {k: v for k, v in resources.items() if v} or {"CPU": 0.01}
+            bundle: dict[str, float] = {"CPU": o.cpus_per_shard or 0.01}
+            if gpu:
+                bundle["GPU"] = o.devices_per_shard
             self._pg, strategies = spread_strategies(self.num_shards, bundle, o.timeout_s)
+            num_cpus = bundle["CPU"]
         remote_cls = ray.remote(ShardActor)
         for i, strategy in enumerate(strategies):
-            opts: dict[str, Any] = {
-                "num_cpus": resources["CPU"] if o.placement != "spread" else 0,
-                "max_restarts": 0,
-                "max_concurrency": 1,
-            }
-            if o.placement == "spread":
-                opts["num_cpus"] = bundle.get("CPU", 0)
+            opts: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": 0, "max_concurrency": 1}
             if gpu:
                 opts["num_gpus"] = o.devices_per_shard
             if strategy is not None:
                 opts["scheduling_strategy"] = strategy
-            self.actors.append(
-                remote_cls.options(**opts).remote(
-                    i, self.num_shards, o.devices_per_shard, o.platform
-                )
-            )
+            if o.detached:
+                opts.update(name=self.actor_name(i), namespace=o.namespace, lifetime="detached")
+            self.actors.append(self._create(remote_cls, opts, i, o.devices_per_shard, o.platform))
         t0 = time.perf_counter()
         address = ray.get(self.actors[0].node_address.remote(), timeout=max(o.timeout_s, 120))
         heartbeat = max(10, int(o.timeout_s * 2))
         refs = [
-            a.start.remote(address, spec, mesh_axes, row_axis, heartbeat)
-            for a, spec in zip(self.actors, specs, strict=True)
+            a.start.remote(address, spec, self.mesh_axes, self.row_axis, heartbeat)
+            for a, spec in zip(self.actors, self.specs, strict=True)
         ]
         self.placements = self._gather(refs, "start", timeout=max(o.timeout_s, 180))
         self.start_seconds = time.perf_counter() - t0
         log.info("started %d shard actors in %.1fs", self.num_shards, self.start_seconds)
+
+    def _create(self, remote_cls, opts: dict, shard: int, devices: int, platform: str):
+        """Create one actor; a detached name still held by a just-killed actor is retried."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return remote_cls.options(**opts).remote(shard, self.num_shards, devices, platform)
+            except ValueError as exc:
+                if "name" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def restart(self) -> None:
+        """Replace every shard process (a JAX job cannot continue without one of them)."""
+        self._kill_all()
+        self._start()
 
     # -- calls -----------------------------------------------------------------------
 
@@ -145,26 +183,41 @@ class RayBackend:
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         return self._gather([a.run.remote(fn, args) for a in self.actors], "run_on_shards")
 
-    def epochs(self) -> list[int]:
-        return self._gather([a.epoch.remote() for a in self.actors], "epoch")
+    def status(self) -> list[Ack]:
+        return self._gather([a.status.remote() for a in self.actors], "status")
+
+    def reseed(self, messages: Sequence[bytes | None]) -> list[Ack | BaseException]:
+        refs = [a.reseed.remote(m) for a, m in zip(self.actors, messages, strict=True)]
+        return self._results(refs, self.options.timeout_s)
+
+    def export(self) -> list[bytes | None]:
+        return self._gather([a.export.remote() for a in self.actors], "export")
 
     def pids(self) -> list[int]:
         return self._gather([a.pid.remote() for a in self.actors], "pid")
 
+    def _kill_all(self) -> None:
+        actors, self.actors = self.actors, []
+        for a in actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception as exc:  # already dead
+                log.debug("kill failed: %s", exc)
+        release(self._pg)
+        self._pg = None
+
     def close(self, clean: bool = True) -> None:
         """Stop every shard actor. ``clean=False`` skips the JAX distributed shutdown (its
         barrier would wait for a dead process) and kills the actors at once."""
-        actors, self.actors = self.actors, []
-        if actors and clean:
-            refs = [a.shutdown.remote() for a in actors]
+        if self.actors and clean:
+            refs = [a.shutdown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=10)
-            for a in actors:
-                try:
-                    ray.kill(a)
-                except Exception as exc:  # already dead
-                    log.debug("kill failed: %s", exc)
-        release(self._pg)
-        self._pg = None
+        self._kill_all()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+
+    def detach(self) -> None:
+        """Forget the actors without stopping them (a detached table outlives this driver)."""
+        self.actors = []
+        self._pg = None

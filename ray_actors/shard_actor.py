@@ -30,6 +30,7 @@ class ShardActor:
         self._devices = devices
         self._shard = None
         self._joined = False
+        self._where: dict[str, Any] = {}
 
     def node_address(self) -> str:
         """``ip:port`` on this node for the JAX coordinator service (called on shard 0)."""
@@ -75,7 +76,7 @@ class ShardActor:
         layout: ShardLayout = spec.layout
         check_ownership(mesh, row_axis, layout, {s: s for s in range(layout.num_shards)})
         self._shard = Shard(spec, row_sharding(mesh, row_axis))
-        return {
+        self._where = {
             "shard": self.shard_id,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -83,6 +84,7 @@ class ShardActor:
             "devices": [str(d) for d in jax.local_devices()],
             "rows": (self._shard.lo, self._shard.hi),
         }
+        return self._where
 
     def apply(self, message: bytes):
         return self._shard.apply(message)
@@ -90,14 +92,23 @@ class ShardActor:
     def rollback(self, epoch: int):
         return self._shard.rollback(epoch)
 
-    def reseed(self, epoch: int, tables, counts):
-        return self._shard.reseed(epoch, tables, counts)
+    def reseed(self, message: bytes | None):
+        return self._shard.reseed(message)
+
+    def export(self) -> bytes | None:
+        return self._shard.export()
+
+    def where(self) -> dict[str, Any]:
+        return self._where
 
     def snapshot(self, group: int):
         return self._shard.snapshot(group)
 
     def epoch(self) -> int:
         return self._shard.epoch
+
+    def status(self):
+        return self._shard.status()
 
     def run(self, fn: Callable[..., Any], args: tuple) -> Any:
         return fn(self._shard.group_arrays(), *args)

@@ -27,7 +27,13 @@ class Backend(Protocol):
 
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]: ...
 
-    def epochs(self) -> list[int]: ...
+    def status(self) -> list[Ack]: ...
+
+    def reseed(self, messages: Sequence[bytes | None]) -> list[Ack | BaseException]: ...
+
+    def export(self) -> list[bytes | None]: ...
+
+    def restart(self) -> None: ...
 
     def close(self, clean: bool = True) -> None: ...
 
@@ -70,13 +76,20 @@ class LocalBackend:
         arrays = [self.group_array(g) for g in range(len(self.shards[0].devices))]
         return [fn(arrays, *args) for _ in self.shards]
 
-    def epochs(self) -> list[int]:
-        return [s.epoch for s in self.shards]
+    def status(self) -> list[Ack]:
+        return [s.status() for s in self.shards]
 
-    def reseed(self, epoch: int, tables, counts) -> None:
-        for shard in self.shards:
-            lo, hi = shard.lo, shard.hi
-            shard.reseed(epoch, [t[lo:hi] for t in tables], [c[lo:hi] for c in counts])
+    def reseed(self, messages: Sequence[bytes | None]) -> list[Ack | BaseException]:
+        return self._each(
+            [lambda s=s, m=m: s.reseed(m) for s, m in zip(self.shards, messages, strict=True)]
+        )
+
+    def export(self) -> list[bytes | None]:
+        return [s.export() for s in self.shards]
+
+    def restart(self) -> None:
+        """Replace every shard with a fresh, empty one."""
+        self.shards = [Shard(s.spec, self.sharding) for s in self.shards]
 
     def close(self, clean: bool = True) -> None:
         self.shards = []

@@ -32,6 +32,7 @@ from .errors import ConfigError
 
 _PLACEMENTS = ("pack", "spread")
 _PLATFORMS = ("cpu", "gpu")
+_RECOVER = ("manual", "auto")
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -44,7 +45,7 @@ def _check_keys(where: str, data: Mapping[str, Any], cls: type) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         prefix = f"{where}." if where != "config" else ""
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys: {sorted(known)}")
@@ -63,6 +64,9 @@ class RayOptions:
       placement: ``"pack"`` (anywhere) or ``"spread"`` (one shard per node, STRICT_SPREAD).
       namespace: Ray namespace of the shard actors.
       cpus_per_shard: CPUs reserved per shard actor (0 lets several share a small machine).
+      detached: name the shard actors and detach them from the driver, so a restarted
+        coordinator can ``ShardedPageTable.attach`` to them.
+      name: prefix of the actor names (``{name}-shard-{i}``) when detached.
     """
 
     address: str | None = None
@@ -72,6 +76,8 @@ class RayOptions:
     placement: str = "pack"
     namespace: str = "sharded_pagetable"
     cpus_per_shard: float = 0.0
+    detached: bool = False
+    name: str = "pagetable"
 
     def __post_init__(self) -> None:
         if self.address is not None and not isinstance(self.address, str):
@@ -95,6 +101,10 @@ class RayOptions:
             or self.cpus_per_shard < 0
         ):
             raise ConfigError(f"ray.cpus_per_shard must be >= 0, got {self.cpus_per_shard!r}")
+        if not isinstance(self.detached, bool):
+            raise ConfigError(f"ray.detached must be true or false, got {self.detached!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"ray.name must be a non-empty string, got {self.name!r}")
 
     @classmethod
     def from_value(cls, value: RayOptions | Mapping[str, Any] | None) -> RayOptions:
@@ -120,6 +130,8 @@ class TableConfig:
     mesh: Mapping[str, int] | None = None
     num_pages: int | None = None
     warmup: bool = True
+    recover: str = "manual"
+    max_recoveries: int = 3
     ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
@@ -145,12 +157,17 @@ class TableConfig:
             _positive_int("num_pages", self.num_pages)
         if not isinstance(self.warmup, bool):
             raise ConfigError(f"warmup must be true or false, got {self.warmup!r}")
+        if self.recover not in _RECOVER:
+            raise ConfigError(f"recover must be one of {_RECOVER}, got {self.recover!r}")
+        _positive_int("max_recoveries", self.max_recoveries)
         object.__setattr__(self, "ray", RayOptions.from_value(self.ray))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> TableConfig:
-        _check_keys("config", data, cls)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
         merged = {**data, **overrides}
+        _check_keys("config", merged, cls)
         required = [
             f.name
             for f in dataclasses.fields(cls)
@@ -185,5 +202,21 @@ class TableConfig:
             row_axis=self.row_axis,
             num_pages=self.num_pages,
             warmup=self.warmup,
+            recover=self.recover,
+            max_recoveries=self.max_recoveries,
             ray=self.ray,
         )
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``ShardedPageTable`` for this config."""
+        return {
+            "num_shards": self.num_shards,
+            "backend": self.backend,
+            "mesh": self.mesh,
+            "row_axis": self.row_axis,
+            "num_pages": self.num_pages,
+            "warmup": self.warmup,
+            "recover": self.recover,
+            "max_recoveries": self.max_recoveries,
+            "ray": self.ray,
+        }

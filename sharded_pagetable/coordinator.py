@@ -8,6 +8,10 @@ talk to each other.
 
 from __future__ import annotations
 
+import functools
+import logging
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,9 +31,30 @@ from .mesh import build_mesh, row_sharding
 from .page_table import check_page_sizes
 from .receipt import CommitReceipt, ShardReceipt
 from .row_ops import MultiGroupRowOps
-from .shard import Ack, ShardSpec
+from .shard import Ack, ShardSpec, apply_group
 from .validation import check_count
-from .wire import OP_APPEND, OP_CLEAR, OP_SET, GroupBatch, ShardBatch, encode
+from .wire import (
+    OP_APPEND,
+    OP_CLEAR,
+    OP_SET,
+    GroupBatch,
+    ShardBatch,
+    WireLimits,
+    decode,
+    encode,
+    state_batch,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(self: ShardedPageTable, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class GroupView:
@@ -97,9 +122,16 @@ class ShardedPageTable(MultiGroupRowOps):
         row_axis: str = "data",
         num_pages: int | None = None,
         warmup: bool = True,
+        recover: str = "manual",
+        max_recoveries: int = 3,
         ray: RayOptions | Mapping[str, Any] | None = None,
+        _attach: bool = False,
     ) -> None:
         page_sizes = check_page_sizes(page_sizes)
+        if recover not in ("manual", "auto"):
+            raise ValueError(f"recover must be 'manual' or 'auto', got {recover!r}")
+        if check_count(max_recoveries, 1000, "max_recoveries") < 1:
+            raise ValueError(f"max_recoveries must be positive, got {max_recoveries}")
         for name, value in (
             ("max_num_reqs", max_num_reqs),
             ("max_model_len", max_model_len),
@@ -115,8 +147,15 @@ class ShardedPageTable(MultiGroupRowOps):
         self.page_sizes = page_sizes
         self.backend_name = backend
         self.row_axis = row_axis
+        self.recover_mode = recover
+        self.max_recoveries = max_recoveries
+        self.recoveries: list[float] = []  # seconds each recovery took
+        self._lock = threading.RLock()
         widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
+        self.widths = widths
         self._hosts = [HostRows(max_num_reqs, w, num_pages) for w in widths]
+        # What the shards hold: the tables and counts as of the last published epoch.
+        self._published = [np.zeros((max_num_reqs, w), np.int32) for w in widths]
         self._published_counts = [np.zeros(max_num_reqs, np.int32) for _ in widths]
         self._inner = [np.zeros(max_num_reqs, np.uint64) for _ in widths]
         self._views = [GroupView(self, g) for g in range(len(widths))]
@@ -147,13 +186,41 @@ class ShardedPageTable(MultiGroupRowOps):
             self.layout = ShardLayout(max_num_reqs, num_shards, axes[row_axis])
             self.mesh_axes = axes
             specs = [ShardSpec(s, self.layout, widths, warmup) for s in range(num_shards)]
-            self._backend = RayBackend(specs, axes, row_axis, options)
+            self._backend = RayBackend(specs, axes, row_axis, options, attach=_attach)
         self._expected = [0] * num_shards  # u64 checksum each shard must report
+        if _attach:
+            try:
+                self._adopt()
+            except BaseException:
+                self._backend.detach()
+                raise
 
     @classmethod
     def from_config(cls, path: str, **overrides: Any) -> ShardedPageTable:
         """Build a table from a YAML file of ``configs/`` (keys as in :class:`TableConfig`)."""
         return TableConfig.from_yaml(path, **overrides).build()
+
+    @classmethod
+    def attach(cls, config: TableConfig | str, **overrides: Any) -> ShardedPageTable:
+        """A new coordinator for the running, detached shard actors of ``config``.
+
+        The mirror is rebuilt from the shards at the newest epoch every shard can present:
+        shards one epoch ahead (a commit the old coordinator never finished) step back.
+        """
+        if isinstance(config, str):
+            config = TableConfig.from_yaml(config, **overrides)
+        elif overrides:
+            config = TableConfig.from_dict({**config.__dict__, **overrides})
+        if config.backend != "ray" or not config.ray.detached:
+            raise ValueError("attach needs backend: ray with ray.detached: true")
+        return cls(
+            config.max_num_reqs,
+            config.max_model_len,
+            config.max_num_batched_tokens,
+            config.page_sizes,
+            _attach=True,
+            **config.kwargs(),
+        )
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -191,7 +258,8 @@ class ShardedPageTable(MultiGroupRowOps):
         """``i32[R, P]`` numpy copy of group ``group``'s committed device table."""
         if not 0 <= group < len(self._hosts):
             raise IndexError(f"group {group} is out of range: valid 0..{len(self._hosts) - 1}")
-        return self._live_backend().device_snapshot(group)
+        with self._lock:
+            return self._live_backend().device_snapshot(group)
 
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Run ``fn(list_of_group_arrays, *args)`` in every shard process at once.
@@ -200,7 +268,8 @@ class ShardedPageTable(MultiGroupRowOps):
         so a jitted function over them is an SPMD program across the shard processes.
         ``fn`` is trusted driver code: it runs with the shard process's privileges.
         """
-        return self._live_backend().run_on_shards(fn, *args)
+        with self._lock:
+            return self._live_backend().run_on_shards(fn, *args)
 
     # -- the side-effect point -------------------------------------------------------------
 
@@ -213,7 +282,7 @@ class ShardedPageTable(MultiGroupRowOps):
         r, c = segment_index(rows, starts, counts)
         pages = host.table[r, c]
         new_inner = checksum.updated_inner(self._inner[g][rows], starts, counts, pages)
-        return rows, op.astype(np.int32), starts, counts, pages, new_inner
+        return GroupBatch(op.astype(np.int32), rows, starts, counts, pages), new_inner
 
     def commit(self, num_reqs: int) -> CommitReceipt:
         """Publish rows ``[0, num_reqs)`` on every shard as one new epoch.
@@ -221,46 +290,75 @@ class ShardedPageTable(MultiGroupRowOps):
         Returns a receipt with the epoch and, per shard, rows and bytes sent and the checksum
         the shard confirmed. If any shard fails, every shard steps back, nothing is
         published, the mirror keeps the pending changes, and :class:`ShardFailedError`
-        names the shard.
+        names the shard. With ``recover="auto"`` a lost shard is replaced and the commit
+        retried, up to ``max_recoveries`` times.
         """
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
+        with self._lock:
+            attempts = 0
+            while True:
+                if self._failed is not None and self.recover_mode == "auto":
+                    if attempts >= self.max_recoveries:
+                        raise self._failed
+                    attempts += 1
+                    log.warning(
+                        "shard %d lost at epoch %d (%s); recovering, attempt %d of %d",
+                        self._failed.shard,
+                        self._failed.epoch,
+                        self._failed.reason,
+                        attempts,
+                        self.max_recoveries,
+                    )
+                    try:
+                        self.recover()
+                    except ShardFailedError:
+                        continue
+                try:
+                    return self._commit_once(n)
+                except ShardFailedError:
+                    if self.recover_mode != "auto" or self._failed is None:
+                        raise
+
+    def _commit_once(self, n: int) -> CommitReceipt:
         backend = self._live_backend()
         updates = [self._group_updates(g, n) for g in range(len(self._hosts))]
-        if not any(u[0].size for u in updates):
+        if not any(b.size for b, _ in updates):
             return CommitReceipt(self.epoch, n, False, ())
         epoch = self.epoch + 1
         layout = self.layout
         bounds = np.arange(layout.num_shards + 1) * layout.rows_per_shard
         per_shard: list[list[GroupBatch]] = [[] for _ in range(layout.num_shards)]
         expected = list(self._expected)
-        for g, (rows, op, starts, counts, pages, new_inner) in enumerate(updates):
+        for g, (batch, new_inner) in enumerate(updates):
+            rows = batch.row
             cut = np.searchsorted(rows, bounds)
-            page_cut = np.concatenate([[0], np.cumsum(counts.astype(np.int64) - starts)])[cut]
+            written = batch.count.astype(np.int64) - batch.start
+            page_cut = np.concatenate([[0], np.cumsum(written)])[cut]
+            old_inner = self._inner[g][rows]
             for s in range(layout.num_shards):
                 i, j = cut[s], cut[s + 1]
                 per_shard[s].append(
                     GroupBatch(
-                        op[i:j],
+                        batch.op[i:j],
                         (rows[i:j] - bounds[s]).astype(np.int32),
-                        starts[i:j],
-                        counts[i:j],
-                        pages[page_cut[s] : page_cut[s + 1]],
+                        batch.start[i:j],
+                        batch.count[i:j],
+                        batch.pages[page_cut[s] : page_cut[s + 1]],
                     )
                 )
-                delta = checksum.total_delta(
-                    g, rows[i:j], self._inner[g][rows[i:j]], new_inner[i:j]
-                )
-                expected[s] = checksum.add(expected[s], delta)
+                if j > i:
+                    delta = checksum.total_delta(g, rows[i:j], old_inner[i:j], new_inner[i:j])
+                    expected[s] = checksum.add(expected[s], delta)
         messages = [
             encode(ShardBatch(epoch, self.epoch, s, tuple(groups)))
             for s, groups in enumerate(per_shard)
         ]
         results = backend.apply(messages)
         self._settle(results, expected, epoch)
-        for g, (rows, _, _, counts, _, new_inner) in enumerate(updates):
-            self._inner[g][rows] = new_inner
-            self._published_counts[g][rows] = counts
-            self._hosts[g].mark_published(rows)
+        for g, (batch, new_inner) in enumerate(updates):
+            self._inner[g][batch.row] = new_inner
+            apply_group(self._published[g], self._published_counts[g], batch)
+            self._hosts[g].mark_published(batch.row)
         self._expected = expected
         self.epoch = epoch
         return CommitReceipt(
@@ -299,28 +397,158 @@ class ShardedPageTable(MultiGroupRowOps):
             self._failed = error
         raise error
 
+    # -- recovery --------------------------------------------------------------------------
+
+    def _shard_states(self) -> list[bytes | None]:
+        """Full-state messages rebuilding each shard at the published epoch."""
+        if self.epoch == 0:
+            return [None] * self.num_shards
+        out = []
+        for s in range(self.num_shards):
+            rows = self.layout.shard_rows(s)
+            lo, hi = rows.start, rows.stop
+            batch = state_batch(
+                self.epoch,
+                s,
+                [t[lo:hi] for t in self._published],
+                [c[lo:hi] for c in self._published_counts],
+            )
+            out.append(encode(batch))
+        return out
+
+    def _rehash(self) -> None:
+        """Recompute every row's checksum terms and each shard's expected checksum from the
+        published tables."""
+        expected = [0] * self.num_shards
+        for g, (table, counts) in enumerate(
+            zip(self._published, self._published_counts, strict=True)
+        ):
+            batch = state_batch(1, 0, [table], [counts]).groups[0]
+            inner = np.zeros(self.max_num_reqs, np.uint64)
+            inner[batch.row] = checksum.updated_inner(
+                inner[batch.row], batch.start, batch.count, batch.pages
+            )
+            self._inner[g] = inner
+            for s in range(self.num_shards):
+                rows = np.arange(self.layout.shard_rows(s).start, self.layout.shard_rows(s).stop)
+                delta = checksum.total_delta(g, rows, np.zeros(rows.size, np.uint64), inner[rows])
+                expected[s] = checksum.add(expected[s], delta)
+        self._expected = expected
+
+    def recover(self) -> float:
+        """Replace the shard processes and rebuild them at the last published epoch.
+
+        Every shard is restarted (a JAX distributed job cannot continue without one of its
+        processes), re-seeded from the coordinator's copy of the published tables and
+        verified by checksum. Pending changes stay pending for the next commit. Returns the
+        seconds it took; raises :class:`ShardFailedError` if a new shard fails too.
+        """
+        with self._lock:
+            if self._backend is None:
+                raise RuntimeError("this ShardedPageTable is closed")
+            t0 = time.perf_counter()
+            try:
+                self._backend.restart()
+                results = self._backend.reseed(self._shard_states())
+            except ShardFailedError as exc:
+                self._failed = exc
+                raise
+            except Exception as exc:
+                self._failed = ShardFailedError(-1, self.epoch, f"restart failed: {exc}")
+                raise self._failed from exc
+            for s, res in enumerate(results):
+                if isinstance(res, BaseException):
+                    self._failed = ShardFailedError(s, self.epoch, f"re-seed failed: {res}")
+                    raise self._failed
+                if res.epoch != self.epoch or res.checksum != self._expected[s]:
+                    self._failed = ShardFailedError(
+                        s,
+                        self.epoch,
+                        f"re-seeded shard reports epoch {res.epoch} checksum "
+                        f"{res.checksum:#x}, expected {self._expected[s]:#x}",
+                    )
+                    raise self._failed
+            self._failed = None
+            seconds = time.perf_counter() - t0
+            self.recoveries.append(seconds)
+            log.warning(
+                "recovered %d shards at epoch %d in %.2fs", self.num_shards, self.epoch, seconds
+            )
+            return seconds
+
+    def _adopt(self) -> None:
+        """Rebuild the mirror from running shards (``attach``), settling on one epoch."""
+        backend = self._backend
+        epochs = [a.epoch for a in backend.status()]
+        target = min(epochs)
+        if max(epochs) - target > 1:
+            raise RuntimeError(
+                f"shards hold epochs {epochs}: more than one epoch apart, cannot settle"
+            )
+        ahead = [s for s, e in enumerate(epochs) if e > target]
+        if ahead:
+            for s, res in zip(ahead, backend.rollback(ahead, target + 1), strict=True):
+                if isinstance(res, BaseException) or res.epoch != target:
+                    raise RuntimeError(f"shard {s} cannot step back to epoch {target}: {res}")
+            log.warning("shards %s stepped back to epoch %d to settle", ahead, target)
+        limits = WireLimits(self.layout.rows_per_shard, self.widths)
+        for s, message in enumerate(backend.export()):
+            if message is None:
+                continue
+            batch = decode(message, limits)
+            if batch.epoch != target or batch.shard != s:
+                raise RuntimeError(f"shard {s} exported epoch {batch.epoch}, expected {target}")
+            lo = self.layout.shard_rows(s).start
+            for g, gb in enumerate(batch.groups):
+                glob = GroupBatch(gb.op, gb.row + lo, gb.start, gb.count, gb.pages)
+                apply_group(self._published[g], self._published_counts[g], glob)
+        for g, host in enumerate(self._hosts):
+            host.table[...] = self._published[g]
+            host.counts[...] = self._published_counts[g]
+            host.dirty.fill(False)
+            host.rewritten.fill(False)
+        self.epoch = target
+        self._rehash()
+        for s, ack in enumerate(backend.status()):
+            if ack.epoch != target or ack.checksum != self._expected[s]:
+                raise RuntimeError(
+                    f"shard {s} reports epoch {ack.epoch} checksum {ack.checksum:#x} after "
+                    f"attach, expected epoch {target} checksum {self._expected[s]:#x}"
+                )
+
     # -- whole-table operations ----------------------------------------------------------
 
     def clear(self) -> None:
         """Empty every row of every group, on the host and on every shard's devices."""
-        self._live_backend()
-        for host, published in zip(self._hosts, self._published_counts, strict=True):
-            host.reset()
-            host.dirty[:] = published > 0
-            host.rewritten[:] = host.dirty
-        self.commit(self.max_num_reqs)
+        with self._lock:
+            self._live_backend()
+            for host, published in zip(self._hosts, self._published_counts, strict=True):
+                host.reset()
+                host.dirty[:] = published > 0
+                host.rewritten[:] = host.dirty
+            self.commit(self.max_num_reqs)
 
     def close(self) -> None:
         """Release the shards (actors and devices). Safe to call twice."""
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            backend.close(clean=self._failed is None)
+        with self._lock:
+            backend, self._backend = self._backend, None
+            if backend is not None:
+                backend.close(clean=self._failed is None)
 
     def __enter__(self) -> ShardedPageTable:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # Row operations and reads are serialised, so several scheduler threads may share a table.
+    append_row = _synchronized(MultiGroupRowOps.append_row)
+    add_row = _synchronized(MultiGroupRowOps.add_row)
+    clear_row = _synchronized(MultiGroupRowOps.clear_row)
+    move_row = _synchronized(MultiGroupRowOps.move_row)
+    swap_row = _synchronized(MultiGroupRowOps.swap_row)
+    append_rows_batch = _synchronized(MultiGroupRowOps.append_rows_batch)
+    compute_slot_mapping = _synchronized(MultiGroupRowOps.compute_slot_mapping)
 
 
 def _is_lost(exc: BaseException) -> bool:

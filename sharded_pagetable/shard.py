@@ -20,7 +20,7 @@ from .constants import PAGE_TABLE_PADDING_VAL
 from .device import DeviceRows, assemble
 from .errors import WireFormatError
 from .layout import ShardLayout
-from .wire import OP_APPEND, GroupBatch, WireLimits, decode
+from .wire import OP_APPEND, GroupBatch, WireLimits, decode, encode, state_batch
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,10 @@ class Shard:
     def _ack(self, rows: int, applied: bool) -> Ack:
         return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied)
 
+    def status(self) -> Ack:
+        """The epoch this shard holds and the checksum of its rows."""
+        return self._ack(0, applied=False)
+
     def apply(self, message: bytes) -> Ack:
         """Apply one epoch's batch; a re-sent epoch is acknowledged without applying it again."""
         batch = decode(message, self.limits)
@@ -184,27 +188,42 @@ class Shard:
         self._undo = None
         return self._ack(0, applied=True)
 
-    def reseed(self, epoch: int, tables: list[np.ndarray], counts: list[np.ndarray]) -> Ack:
-        """Replace every row with ``tables``/``counts`` (from the coordinator's mirror)."""
+    def reseed(self, message: bytes | None) -> Ack:
+        """Replace every row with a full-state message (``wire.state_batch``; None: empty).
+
+        Used to rebuild a replaced shard from the coordinator's published tables.
+        """
+        batch = decode(message, self.limits) if message is not None else None
+        if batch is not None and batch.shard != self.spec.shard_id:
+            raise WireFormatError(f"state for shard {batch.shard} sent to {self.spec.shard_id}")
         total = 0
-        for g, (table, count) in enumerate(zip(tables, counts, strict=True)):
-            self.tables[g][...] = table
-            self.counts[g][...] = count
-            n = np.arange(count.size)
-            r, c = segment_index(n, np.zeros_like(count), count)
-            pages = table[r, c]
-            self.inner[g][...] = checksum.updated_inner(
-                np.zeros(count.size, np.uint64), np.zeros_like(count), count, pages
-            )
-            total = checksum.add(
-                total,
-                checksum.total_delta(
-                    g, n + self.lo, np.zeros(count.size, np.uint64), self.inner[g]
-                ),
-            )
-            self.devices[g].reset(self.tables[g])
-        self.checksum, self.epoch, self._digest, self._undo = total, epoch, None, None
+        for g, table in enumerate(self.tables):
+            table.fill(PAGE_TABLE_PADDING_VAL)
+            self.counts[g].fill(0)
+            self.inner[g].fill(0)
+            if batch is not None:
+                gb = batch.groups[g]
+                apply_group(table, self.counts[g], gb)
+                self.inner[g][gb.row] = checksum.updated_inner(
+                    self.inner[g][gb.row], gb.start, gb.count, gb.pages
+                )
+                total = checksum.add(
+                    total,
+                    checksum.total_delta(
+                        g, gb.row + self.lo, np.zeros(gb.size, np.uint64), self.inner[g][gb.row]
+                    ),
+                )
+            self.devices[g].reset(table)
+        self.checksum = total
+        self.epoch = batch.epoch if batch is not None else 0
+        self._digest, self._undo = None, None
         return self._ack(0, applied=True)
+
+    def export(self) -> bytes | None:
+        """This shard's rows as a full-state message at its epoch (None at epoch 0)."""
+        if self.epoch == 0:
+            return None
+        return encode(state_batch(self.epoch, self.spec.shard_id, self.tables, self.counts))
 
     def buffers(self, group: int) -> list[jax.Array]:
         return self.devices[group].buffers()
@@ -216,6 +235,3 @@ class Shard:
     def snapshot(self, group: int) -> np.ndarray:
         """``i32[rows_per_shard, P]`` copy of this shard's rows as its devices hold them."""
         return self.devices[group].to_numpy()
-
-    def host_state(self) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
-        return self.epoch, [t.copy() for t in self.tables], [c.copy() for c in self.counts]

@@ -17,6 +17,7 @@ values. Anything else raises :class:`WireFormatError` before a single cell is wr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
@@ -80,6 +81,22 @@ def empty_group() -> GroupBatch:
     return GroupBatch(z, z, z, z, z)
 
 
+def state_batch(
+    epoch: int, shard: int, tables: Sequence[np.ndarray], counts: Sequence[np.ndarray]
+) -> ShardBatch:
+    """A full-state batch: one SET per non-empty row of ``tables`` (local rows), built on
+    epoch 0. Shards are rebuilt and exported with it."""
+    groups = []
+    for table, count in zip(tables, counts, strict=True):
+        rows = np.flatnonzero(count).astype(np.int32)
+        n = count[rows].astype(np.int32)
+        mask = np.arange(table.shape[1])[None, :] < n[:, None]
+        pages = table[rows][mask].astype(np.int32)
+        op = np.full(rows.size, OP_SET, np.int32)
+        groups.append(GroupBatch(op, rows, np.zeros(rows.size, np.int32), n, pages))
+    return ShardBatch(epoch, 0, shard, tuple(groups))
+
+
 def encode(batch: ShardBatch) -> bytes:
     """Serialise ``batch`` (arrays are sent as raw little-endian int32 bytes)."""
     groups = [
@@ -120,7 +137,7 @@ def _column(group: dict, key: str, g: int) -> np.ndarray:
 
 def _decode_group(group: object, g: int, limits: WireLimits) -> GroupBatch:
     if type(group) is not dict or set(group) != set(_GROUP_KEYS):
-        keys = sorted(group) if isinstance(group, dict) else type(group).__name__
+        keys = sorted(map(repr, group)) if isinstance(group, dict) else type(group).__name__
         raise WireFormatError(f"group {g} must be a map with keys {list(_GROUP_KEYS)}, got {keys}")
     op, row, start, count, pages = (_column(group, k, g) for k in _GROUP_KEYS)
     k = row.size

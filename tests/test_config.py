@@ -1,0 +1,287 @@
+"""YAML configs: the shipped files parse, every bad value raises ``ConfigError`` naming the key,
+and a local config builds a working ``ShardedPageTable``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import sharded_pagetable as sp
+from sharded_pagetable.config import RayOptions, TableConfig
+from sharded_pagetable.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+LOCAL = CONFIGS / "local.yaml"
+RAY_LOCAL = CONFIGS / "ray-local.yaml"
+
+BASE = {
+    "max_num_reqs": 64,
+    "max_model_len": 256,
+    "max_num_batched_tokens": 128,
+    "page_sizes": [16, 64],
+}
+
+
+def test_local_yaml_parses() -> None:
+    cfg = TableConfig.from_yaml(str(LOCAL))
+    assert cfg.max_num_reqs == 1024
+    assert cfg.max_model_len == 32768
+    assert cfg.max_num_batched_tokens == 8192
+    assert cfg.page_sizes == (16, 64)
+    assert cfg.num_shards == 4
+    assert cfg.backend == "local"
+    assert cfg.row_axis == "data"
+    assert dict(cfg.mesh) == {"data": 8}
+    assert cfg.ray == RayOptions()
+
+
+def test_ray_local_yaml_parses() -> None:
+    cfg = TableConfig.from_yaml(str(RAY_LOCAL))
+    assert cfg.backend == "ray"
+    assert cfg.num_shards == 4
+    assert dict(cfg.mesh) == {"data": 8}
+    assert cfg.ray.address is None
+    assert cfg.ray.devices_per_shard == 2
+    assert cfg.ray.platform == "cpu"
+    assert cfg.ray.timeout_s == 60
+    assert cfg.ray.placement == "pack"
+    assert cfg.ray.cpus_per_shard == 0
+    # the Ray mesh covers the shard processes' devices exactly
+    assert cfg.mesh[cfg.row_axis] == cfg.num_shards * cfg.ray.devices_per_shard
+
+
+def test_overrides_apply() -> None:
+    cfg = TableConfig.from_yaml(str(LOCAL), max_num_reqs=64, num_shards=2)
+    assert (cfg.max_num_reqs, cfg.num_shards) == (64, 2)
+
+
+def test_defaults() -> None:
+    cfg = TableConfig.from_dict(BASE)
+    assert cfg.num_shards == 1
+    assert cfg.backend == "local"
+    assert cfg.row_axis == "data"
+    assert cfg.mesh is None
+    assert cfg.num_pages is None
+    assert cfg.warmup is True
+    assert cfg.ray == RayOptions()
+    assert isinstance(cfg.page_sizes, tuple)
+
+
+def test_ray_options_from_mapping_and_object() -> None:
+    cfg = TableConfig.from_dict({**BASE, "ray": {"placement": "spread", "timeout_s": 1.5}})
+    assert cfg.ray.placement == "spread" and cfg.ray.timeout_s == 1.5
+    opts = RayOptions(devices_per_shard=4)
+    assert TableConfig.from_dict({**BASE, "ray": opts}).ray is opts
+    assert TableConfig.from_dict({**BASE, "ray": None}).ray == RayOptions()
+
+
+# --------------------------------------------------------------------------- bad values
+
+BAD_TOP = [
+    # (key named in the message, changes to BASE)
+    ("bogus", {"bogus": 1}),
+    ("max_num_reqs", {"max_num_reqs": 0}),
+    ("max_num_reqs", {"max_num_reqs": -64}),
+    ("max_num_reqs", {"max_num_reqs": True}),
+    ("max_num_reqs", {"max_num_reqs": 64.0}),
+    ("max_num_reqs", {"max_num_reqs": "64"}),
+    ("max_num_reqs", {"max_num_reqs": None}),
+    ("max_model_len", {"max_model_len": 0}),
+    ("max_model_len", {"max_model_len": False}),
+    ("max_num_batched_tokens", {"max_num_batched_tokens": -1}),
+    ("max_num_batched_tokens", {"max_num_batched_tokens": True}),
+    ("num_shards", {"num_shards": 0}),
+    ("num_shards", {"num_shards": -2}),
+    ("num_shards", {"num_shards": True}),
+    ("page_sizes", {"page_sizes": []}),
+    ("page_sizes", {"page_sizes": 16}),
+    ("page_sizes", {"page_sizes": "16"}),
+    ("page_sizes", {"page_sizes": None}),
+    ("page_sizes", {"page_sizes": [16, 0]}),
+    ("page_sizes", {"page_sizes": [16, -64]}),
+    ("page_sizes", {"page_sizes": [True]}),
+    ("page_sizes", {"page_sizes": [16.0]}),
+    ("backend", {"backend": "mpi"}),
+    ("backend", {"backend": "Local"}),
+    ("backend", {"backend": None}),
+    ("row_axis", {"row_axis": ""}),
+    ("row_axis", {"row_axis": 0}),
+    ("row_axis", {"row_axis": "rows", "mesh": {"data": 8}}),
+    ("row_axis", {"mesh": {"model": 8}}),
+    ("mesh", {"mesh": {}}),
+    ("mesh", {"mesh": [8]}),
+    ("mesh", {"mesh": 8}),
+    ("mesh.data", {"mesh": {"data": 0}}),
+    ("mesh.data", {"mesh": {"data": -8}}),
+    ("mesh.data", {"mesh": {"data": True}}),
+    ("mesh.model", {"mesh": {"data": 4, "model": "2"}}),
+    ("num_pages", {"num_pages": 0}),
+    ("num_pages", {"num_pages": -1}),
+    ("num_pages", {"num_pages": True}),
+    ("warmup", {"warmup": "yes"}),
+    ("warmup", {"warmup": 1}),
+    ("ray", {"ray": 5}),
+    ("ray", {"ray": ["pack"]}),
+    ("ray.bogus", {"ray": {"bogus": 1}}),
+    ("ray.address", {"ray": {"address": 6379}}),
+    ("ray.devices_per_shard", {"ray": {"devices_per_shard": 0}}),
+    ("ray.devices_per_shard", {"ray": {"devices_per_shard": -2}}),
+    ("ray.devices_per_shard", {"ray": {"devices_per_shard": True}}),
+    ("ray.devices_per_shard", {"ray": {"devices_per_shard": 2.0}}),
+    ("ray.platform", {"ray": {"platform": "tpu"}}),
+    ("ray.platform", {"ray": {"platform": "CPU"}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": 0}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": -1.0}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": True}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": "60"}}),
+    ("ray.placement", {"ray": {"placement": "strict_spread"}}),
+    ("ray.placement", {"ray": {"placement": None}}),
+    ("ray.namespace", {"ray": {"namespace": ""}}),
+    ("ray.namespace", {"ray": {"namespace": 3}}),
+    ("ray.cpus_per_shard", {"ray": {"cpus_per_shard": -1}}),
+    ("ray.cpus_per_shard", {"ray": {"cpus_per_shard": False}}),
+]
+
+
+@pytest.mark.parametrize(("key", "change"), BAD_TOP, ids=[f"{k}={c}" for k, c in BAD_TOP])
+def test_bad_value_raises_config_error_naming_key(key: str, change: dict, tmp_path) -> None:
+    data = {**BASE, **change}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
+        TableConfig.from_dict(data)
+    assert isinstance(info.value, ValueError)
+    # the same through a YAML file (only for values YAML can express)
+    try:
+        text = yaml.safe_dump(data)
+    except yaml.YAMLError:
+        return
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        TableConfig.from_yaml(str(path))
+
+
+@pytest.mark.parametrize("missing", sorted(BASE))
+def test_missing_required_key(missing: str, tmp_path) -> None:
+    data = {k: v for k, v in BASE.items() if k != missing}
+    with pytest.raises(ConfigError, match=missing):
+        TableConfig.from_dict(data)
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=missing):
+        TableConfig.from_yaml(str(path))
+
+
+def test_missing_key_supplied_by_override() -> None:
+    data = {k: v for k, v in BASE.items() if k != "max_num_reqs"}
+    assert TableConfig.from_dict(data, max_num_reqs=8).max_num_reqs == 8
+
+
+def test_bad_override_value_names_key() -> None:
+    with pytest.raises(ConfigError, match="num_shards"):
+        TableConfig.from_yaml(str(LOCAL), num_shards=0)
+
+
+def test_unknown_override_key_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="bogus"):
+        TableConfig.from_yaml(str(LOCAL), bogus=1)
+
+
+@pytest.mark.parametrize("where", ["top", "ray"])
+def test_unknown_keys_of_mixed_types(where: str, tmp_path) -> None:
+    extra = "1: 2\nzz: 3\n"
+    body = yaml.safe_dump(BASE)
+    if where == "top":
+        text = body + extra
+    else:
+        text = body + "ray:\n" + "".join(f"  {line}\n" for line in extra.splitlines())
+    path = tmp_path / "mixed.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        TableConfig.from_yaml(str(path))
+
+
+def test_unknown_int_key_alone_is_refused(tmp_path) -> None:
+    path = tmp_path / "intkey.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "1: 2\n")
+    with pytest.raises(ConfigError, match="unknown config key 1"):
+        TableConfig.from_yaml(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("- 1\n- 2\n", "mapping"),
+        ("just a string\n", "mapping"),
+        ("42\n", "mapping"),
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+    ],
+)
+def test_non_mapping_file(text: str, match: str, tmp_path) -> None:
+    path = tmp_path / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        TableConfig.from_yaml(str(path))
+
+
+def test_unknown_key_message_lists_known_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        TableConfig.from_dict({**BASE, "max_num_req": 8})
+    msg = str(info.value)
+    assert "max_num_req" in msg and "max_num_reqs" in msg
+    with pytest.raises(ConfigError) as info:
+        TableConfig.from_dict({**BASE, "ray": {"timeout": 3}})
+    assert "ray.timeout" in str(info.value) and "timeout_s" in str(info.value)
+
+
+def test_config_is_frozen() -> None:
+    cfg = TableConfig.from_dict(BASE)
+    with pytest.raises(AttributeError):
+        cfg.num_shards = 2  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _exercise(t: sp.ShardedPageTable) -> None:
+    assert len(t) == 2
+    assert t[0].get_cpu_tensor().shape == (64, 16)
+    assert t[1].get_cpu_tensor().shape == (64, 4)
+    t.add_row([[1, 2, 3], [4]], 0)
+    t.add_row([[5], [6, 7]], 63)  # the last row lives on the last shard
+    receipt = t.commit(64)
+    assert receipt.epoch >= 1
+    dev = np.asarray(t[0].get_device_tensor())
+    assert dev[0, :4].tolist() == [1, 2, 3, 0]
+    assert dev[63, :2].tolist() == [5, 0]
+    np.testing.assert_array_equal(t.device_snapshot(1), t[1].get_cpu_tensor())
+
+
+def test_from_config_local_with_overrides_builds_and_closes() -> None:
+    t = sp.ShardedPageTable.from_config(str(LOCAL), max_num_reqs=64, max_model_len=256)
+    try:
+        assert t.num_shards == 4
+        assert t.layout.num_blocks == 8
+        _exercise(t)
+    finally:
+        t.close()
+    t.close()  # safe twice
+
+
+def test_from_dict_build_2d_mesh_context_manager() -> None:
+    cfg = TableConfig.from_dict(
+        {**BASE, "num_shards": 2, "mesh": {"data": 4, "model": 2}, "warmup": False}
+    )
+    with cfg.build() as t:
+        assert t.mesh_axes == {"data": 4, "model": 2}
+        assert t.layout.num_blocks == 4
+        _exercise(t)
+
+
+def test_build_refuses_rows_that_do_not_split() -> None:
+    cfg = TableConfig.from_dict({**BASE, "max_num_reqs": 60, "num_shards": 4, "warmup": False})
+    with pytest.raises(ValueError, match="such as 64"):
+        cfg.build()
