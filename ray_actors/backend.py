@@ -59,6 +59,8 @@ class RayBackend:
             )
         self._owns_ray = connect(options.address, options.namespace)
         self._pg = None
+        self._cdag = None  # compiled graph delivering apply messages
+        self._graph_broken = False
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
         try:
@@ -136,6 +138,7 @@ class RayBackend:
     def restart(self) -> None:
         """Replace every shard process (a JAX job cannot continue without one of them)."""
         self._kill_all()
+        self._graph_broken = False
         self._start()
 
     # -- calls -----------------------------------------------------------------------
@@ -169,8 +172,44 @@ class RayBackend:
         return results
 
     def apply(self, messages: Sequence[bytes]) -> list[Ack | BaseException]:
+        """Deliver one message per shard: through the compiled graph when there is one (one
+        shared-memory round trip), else with ordinary actor calls. Any trouble on the fast
+        path tears it down and re-sends over ordinary calls, which tells the shards apart;
+        a shard that already applied the epoch acknowledges the re-send without re-applying.
+        """
+        graph = self._graph()
+        if graph is not None:
+            try:
+                refs = graph.execute(*messages)
+                return ray.get(refs, timeout=self.options.timeout_s)
+            except Exception as exc:
+                log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
+                self._teardown_graph(broken=True)
         refs = [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
         return self._results(refs, self.options.timeout_s)
+
+    def _graph(self):
+        """The compiled apply graph, compiled on first use; None when disabled or broken."""
+        if self._cdag is None and self.options.compiled_graph and not self._graph_broken:
+            try:
+                from ray.dag import InputNode, MultiOutputNode
+
+                with InputNode() as inp:
+                    dag = MultiOutputNode([a.apply.bind(inp[i]) for i, a in enumerate(self.actors)])
+                self._cdag = dag.experimental_compile(_submit_timeout=self.options.timeout_s)
+            except Exception as exc:
+                log.warning("compiled graphs unavailable (%s); using actor calls", exc)
+                self._graph_broken = True
+        return self._cdag
+
+    def _teardown_graph(self, broken: bool = False) -> None:
+        cdag, self._cdag = self._cdag, None
+        self._graph_broken = self._graph_broken or broken
+        if cdag is not None:
+            try:
+                cdag.teardown()
+            except Exception as exc:  # an actor of the graph may be dead already
+                log.debug("graph teardown: %s", exc)
 
     def rollback(self, shards: Sequence[int], epoch: int) -> list[Ack | BaseException]:
         refs = [self.actors[i].rollback.remote(epoch) for i in shards]
@@ -197,6 +236,7 @@ class RayBackend:
         return self._gather([a.pid.remote() for a in self.actors], "pid")
 
     def _kill_all(self) -> None:
+        self._teardown_graph()
         actors, self.actors = self.actors, []
         for a in actors:
             try:
@@ -209,6 +249,7 @@ class RayBackend:
     def close(self, clean: bool = True) -> None:
         """Stop every shard actor. ``clean=False`` skips the JAX distributed shutdown (its
         barrier would wait for a dead process) and kills the actors at once."""
+        self._teardown_graph()
         if self.actors and clean:
             refs = [a.shutdown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=10)
@@ -219,5 +260,6 @@ class RayBackend:
 
     def detach(self) -> None:
         """Forget the actors without stopping them (a detached table outlives this driver)."""
+        self._teardown_graph()
         self.actors = []
         self._pg = None

@@ -45,9 +45,10 @@ class LocalBackend:
         self.sharding = sharding
         self.shards = [Shard(spec, sharding) for spec in specs]
         self.num_shards = len(self.shards)
+        self._arrays: dict[int, jax.Array] = {}  # assembled global arrays, until a change
 
-    @staticmethod
-    def _each(calls: Sequence[Callable[[], Ack]]) -> list[Ack | BaseException]:
+    def _each(self, calls: Sequence[Callable[[], Ack]]) -> list[Ack | BaseException]:
+        self._arrays.clear()
         results: list[Ack | BaseException] = []
         for call in calls:
             try:
@@ -65,9 +66,11 @@ class LocalBackend:
         return self._each([lambda i=i: self.shards[i].rollback(epoch) for i in shards])
 
     def group_array(self, group: int) -> jax.Array:
-        first = self.shards[0].devices[group]
-        buffers = [buf for shard in self.shards for buf in shard.buffers(group)]
-        return assemble(first.shape, self.sharding, buffers)
+        if group not in self._arrays:
+            first = self.shards[0].devices[group]
+            buffers = [buf for shard in self.shards for buf in shard.buffers(group)]
+            self._arrays[group] = assemble(first.shape, self.sharding, buffers)
+        return self._arrays[group]
 
     def device_snapshot(self, group: int) -> np.ndarray:
         return np.concatenate([s.snapshot(group) for s in self.shards])
@@ -89,6 +92,7 @@ class LocalBackend:
 
     def restart(self) -> None:
         """Replace every shard with a fresh, empty one."""
+        self._arrays.clear()
         self.shards = [Shard(s.spec, self.sharding) for s in self.shards]
 
     def close(self, clean: bool = True) -> None:

@@ -12,11 +12,14 @@ and the coordinator run the same function on the same batch and compare results.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _K_COL = np.uint64(0x9E3779B97F4A7C15)
 _K_ROW = np.uint64(0xD1B54A32D192ED03)
 _C_COUNT = np.uint64(0xA0761D6478BD642F)
+_MAX_TABLE = 1 << 20  # cache lookup tables up to this many rows or columns (8 MiB)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -27,10 +30,45 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(6, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=64)
+def _row_mix_table(group: int, size: int) -> np.ndarray:
+    rows = np.arange(size, dtype=np.uint64)
+    key = (np.uint64(group) << np.uint64(32)) | rows
+    table = splitmix64(key ^ _K_ROW) | np.uint64(1)
+    table.flags.writeable = False
+    return table
+
+
+@functools.lru_cache(maxsize=64)
+def _col_weight_table(size: int) -> np.ndarray:
+    table = splitmix64(np.arange(size, dtype=np.uint64) ^ _K_COL) | np.uint64(1)
+    table.flags.writeable = False
+    return table
+
+
 def row_mix(group: int, rows: np.ndarray) -> np.ndarray:
-    """Odd per-(group, global row) multiplier, ``u64[k]``."""
-    key = (np.uint64(group) << np.uint64(32)) | rows.astype(np.uint64)
-    return splitmix64(key ^ _K_ROW) | np.uint64(1)
+    """Odd per-(group, global row) multiplier, ``u64[k]`` (table lookup for usual sizes)."""
+    if rows.size == 0:
+        return np.empty(0, np.uint64)
+    size = _pow2_at_least(int(rows.max()) + 1)
+    if size > _MAX_TABLE:
+        key = (np.uint64(group) << np.uint64(32)) | rows.astype(np.uint64)
+        return splitmix64(key ^ _K_ROW) | np.uint64(1)
+    return _row_mix_table(group, size)[rows]
+
+
+def col_weights(cols: np.ndarray) -> np.ndarray:
+    """Odd per-column weight, ``u64[k]`` (table lookup for usual sizes)."""
+    if cols.size == 0:
+        return np.empty(0, np.uint64)
+    size = _pow2_at_least(int(cols.max()) + 1)
+    if size > _MAX_TABLE:
+        return splitmix64(cols.astype(np.uint64) ^ _K_COL) | np.uint64(1)
+    return _col_weight_table(size)[cols]
 
 
 def segment_index(
@@ -50,8 +88,7 @@ def inner_delta(starts: np.ndarray, counts: np.ndarray, pages: np.ndarray) -> np
     lens = (counts - starts).astype(np.int64)
     _, cols = segment_index(np.zeros(lens.size, dtype=np.int64), starts.astype(np.int64), counts)
     with np.errstate(over="ignore"):
-        weights = splitmix64(cols.astype(np.uint64) ^ _K_COL) | np.uint64(1)
-        terms = pages.astype(np.uint64) * weights
+        terms = pages.astype(np.uint64) * col_weights(cols)
         csum = np.concatenate([np.zeros(1, np.uint64), np.cumsum(terms, dtype=np.uint64)])
         ends = np.cumsum(lens)
         seg = csum[ends] - csum[ends - lens]

@@ -67,6 +67,8 @@ class RayOptions:
       detached: name the shard actors and detach them from the driver, so a restarted
         coordinator can ``ShardedPageTable.attach`` to them.
       name: prefix of the actor names (``{name}-shard-{i}``) when detached.
+      compiled_graph: deliver commit messages through a Ray compiled graph (one
+        shared-memory round trip per commit) instead of ordinary actor calls.
     """
 
     address: str | None = None
@@ -78,6 +80,7 @@ class RayOptions:
     cpus_per_shard: float = 0.0
     detached: bool = False
     name: str = "pagetable"
+    compiled_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.address is not None and not isinstance(self.address, str):
@@ -103,6 +106,10 @@ class RayOptions:
             raise ConfigError(f"ray.cpus_per_shard must be >= 0, got {self.cpus_per_shard!r}")
         if not isinstance(self.detached, bool):
             raise ConfigError(f"ray.detached must be true or false, got {self.detached!r}")
+        if not isinstance(self.compiled_graph, bool):
+            raise ConfigError(
+                f"ray.compiled_graph must be true or false, got {self.compiled_graph!r}"
+            )
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"ray.name must be a non-empty string, got {self.name!r}")
 

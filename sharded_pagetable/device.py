@@ -18,6 +18,8 @@ import numpy as np
 
 _MIN_BUCKET = 8
 _BUCKET_GROWTH = 4
+# Upload a whole block instead of scattering once 1/_WHOLE_BLOCK_FRACTION of it changed.
+_WHOLE_BLOCK_FRACTION = 4
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -122,40 +124,42 @@ class DeviceRows:
             block = np.array(host[start - self.lo : stop - self.lo], dtype=np.int32, copy=True)
             self._buffers[device] = jax.device_put(block, device)
 
-    def update(self, rows: np.ndarray, values: np.ndarray) -> int:
-        """Write ``values[i]`` into global row ``rows[i]`` on every device holding it.
+    def update(self, rows: np.ndarray, source: np.ndarray, whole_below: int = 0) -> int:
+        """Publish global ``rows`` (sorted, unique, inside ``[lo, hi)``) from ``source``.
 
-        ``rows`` must be sorted, unique and inside ``[lo, hi)``; returns the number of
-        scatter dispatches issued.
+        ``source`` is ``i32[hi - lo, P]`` indexed by ``row - lo``. A block lying entirely
+        below ``whole_below`` may be uploaded whole from ``source`` when much of it changed
+        (a block copy beats a large scatter); pass 0 when rows of ``source`` other than
+        ``rows`` must not be published. Returns the number of device dispatches.
         """
         if rows.size == 0:
             return 0
         # Rows are sorted: split them at block boundaries.
-        cuts = np.searchsorted(rows, self._starts[1:])
+        cuts = np.searchsorted(rows, self._starts[1:]).tolist()
         dispatches = 0
-        for start, lo_i, hi_i in zip(
-            self._starts.tolist(),
-            [0, *cuts.tolist()],
-            [*cuts.tolist(), rows.size],
-            strict=True,
-        ):
-            if hi_i == lo_i:
+        for start, i, j in zip(self._starts.tolist(), [0, *cuts], [*cuts, rows.size], strict=True):
+            if j == i:
                 continue
-            local = rows[lo_i:hi_i] - start
-            chunk = values[lo_i:hi_i]
+            stop = start + self.block_rows
+            whole = (j - i) * _WHOLE_BLOCK_FRACTION >= self.block_rows and stop <= whole_below
+            if whole:
+                block = np.array(source[start - self.lo : stop - self.lo], dtype=np.int32)
+            else:
+                k = j - i
+                bucket = next(b for b in self._buckets if b >= k)
+                idx = np.full(bucket, self.block_rows, dtype=np.int32)
+                idx[:k] = rows[i:j] - start
+                take = np.empty(bucket, dtype=np.int64)
+                take[:k] = rows[i:j] - self.lo
+                take[k:] = take[k - 1]  # padding repeats a real row; its index is dropped
+                vals = source.take(take, axis=0)
             for device in self._replicas[start]:
-                self._buffers[device] = self._scatter(self._buffers[device], local, chunk)
+                if whole:
+                    self._buffers[device] = jax.device_put(block, device)
+                else:
+                    self._buffers[device] = _scatter_rows(self._buffers[device], idx, vals)
                 dispatches += 1
         return dispatches
-
-    def _scatter(self, buf: jax.Array, local: np.ndarray, chunk: np.ndarray) -> jax.Array:
-        k = local.size
-        bucket = next(b for b in self._buckets if b >= k)
-        idx = np.full(bucket, self.block_rows, dtype=np.int32)
-        idx[:k] = local
-        vals = np.zeros((bucket, self.shape[1]), dtype=np.int32)
-        vals[:k] = chunk
-        return _scatter_rows(buf, idx, vals)
 
     def _warmup(self) -> None:
         # Scatter nothing (every index is padding) once per bucket and device.

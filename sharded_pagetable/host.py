@@ -45,16 +45,19 @@ class HostRows:
         return check_index(row, self.num_rows, what)
 
     def check_ids(self, page_ids: object) -> PageIds:
-        """Validated page ids: the caller's list when it is plain ints, else an ``i32`` array."""
-        if type(page_ids) is list and all(type(p) is int for p in page_ids):
-            if page_ids and (min(page_ids) < 0 or max(page_ids) > self.max_id):
-                bad = min(page_ids) if min(page_ids) < 0 else max(page_ids)
-                raise ValueError(f"page id {bad} is out of range: allowed 0..{self.max_id}")
-            return page_ids
+        """Validated page ids: the caller's list when it is plain in-range ints, else an
+        ``i32`` array (or the error naming the bad id)."""
+        if type(page_ids) is list:
+            hi = self.max_id
+            for p in page_ids:
+                if type(p) is not int or not 0 <= p <= hi:
+                    break
+            else:
+                return page_ids
         return page_id_array(page_ids, self.num_pages)
 
     def check_room(self, row: int, extra: int, count: int | None = None) -> None:
-        held = int(self.counts[row]) if count is None else count
+        held = self.counts.item(row) if count is None else count
         if held + extra > self.capacity:
             raise PageTableFullError(
                 f"row {row} holds {held} pages; {extra} more would exceed its capacity of "
@@ -67,13 +70,24 @@ class HostRows:
         n = len(ids)
         if n == 0:
             return
-        start = int(self.counts[row])
+        start = self.counts.item(row)
         self.table[row, start : start + n] = ids
         self.counts[row] = start + n
         self.dirty[row] = True
 
+    def checked_append(self, row: int, ids: PageIds) -> None:
+        """``check_room`` and ``append`` with one read of the count (the hot path)."""
+        n = len(ids)
+        start = self.counts.item(row)
+        if start + n > self.capacity:
+            self.check_room(row, n)
+        if n:
+            self.table[row, start : start + n] = ids
+            self.counts[row] = start + n
+            self.dirty[row] = True
+
     def replace(self, row: int, ids: PageIds) -> None:
-        n, old = len(ids), int(self.counts[row])
+        n, old = len(ids), self.counts.item(row)
         self.table[row, :n] = ids
         if old > n:
             self.table[row, n:old] = PAGE_TABLE_PADDING_VAL
@@ -82,7 +96,7 @@ class HostRows:
         self.rewritten[row] = True
 
     def clear_row(self, row: int) -> None:
-        self.table[row, : self.counts[row]] = PAGE_TABLE_PADDING_VAL
+        self.table[row, : self.counts.item(row)] = PAGE_TABLE_PADDING_VAL
         self.counts[row] = 0
         self.dirty[row] = True
         self.rewritten[row] = True
@@ -90,10 +104,10 @@ class HostRows:
     def copy_row(self, src: int, tgt: int) -> None:
         if src == tgt:
             return
-        n, old = int(self.counts[src]), int(self.counts[tgt])
-        self.table[tgt, :n] = self.table[src, :n]
-        if old > n:
-            self.table[tgt, n:old] = PAGE_TABLE_PADDING_VAL
+        n, old = self.counts.item(src), self.counts.item(tgt)
+        # src is padded past n, so one slice copies its pages and pads tgt's old tail.
+        m = n if n >= old else old
+        self.table[tgt, :m] = self.table[src, :m]
         self.counts[tgt] = n
         self.dirty[tgt] = True
         self.rewritten[tgt] = True
@@ -101,12 +115,15 @@ class HostRows:
     def swap_rows(self, a: int, b: int) -> None:
         if a == b:
             return
-        na, nb = int(self.counts[a]), int(self.counts[b])
-        m = max(na, nb)
-        self.table[[a, b], :m] = self.table[[b, a], :m]
-        self.counts[a], self.counts[b] = nb, na
-        self.dirty[[a, b]] = True
-        self.rewritten[[a, b]] = True
+        table, counts = self.table, self.counts
+        na, nb = counts.item(a), counts.item(b)
+        m = na if na >= nb else nb
+        held = table[a, :m].copy()
+        table[a, :m] = table[b, :m]
+        table[b, :m] = held
+        counts[a], counts[b] = nb, na
+        self.dirty[a] = self.dirty[b] = True
+        self.rewritten[a] = self.rewritten[b] = True
 
     def reset(self) -> None:
         self.table.fill(PAGE_TABLE_PADDING_VAL)

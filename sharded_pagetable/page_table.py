@@ -63,6 +63,7 @@ class PageTable:
         self._shape = (max_num_reqs, max_num_pages_per_req)
         self._sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self._device = DeviceRows(self._shape, self._sharding, self._host.table, warmup=warmup)
+        self._array: jax.Array | None = None  # the assembled global array, until a commit
 
     # The seed exposes these as attributes; they are the live host arrays.
     @property
@@ -76,10 +77,7 @@ class PageTable:
     def append_row(self, page_ids: PageIds, row_idx: int) -> None:
         """Append ``page_ids`` after the row's current pages."""
         host = self._host
-        row = host.check_row(row_idx)
-        ids = host.check_ids(page_ids)
-        host.check_room(row, len(ids))
-        host.append(row, ids)
+        host.checked_append(host.check_row(row_idx), host.check_ids(page_ids))
 
     def add_row(self, page_ids: PageIds, row_idx: int) -> None:
         """Replace the row with ``page_ids``; slots past them become padding."""
@@ -112,14 +110,16 @@ class PageTable:
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         rows = self._host.pending(n)
         if rows.size:
-            self._device.update(rows, self._host.table[rows])
+            self._device.update(rows, self._host.table, whole_below=n)
             self._host.mark_published(rows)
+            self._array = None
         return int(rows.size)
 
     def clear(self) -> None:
         """Empty every row on the host and on the device."""
         self._host.reset()
         self._device.reset(self._host.table)
+        self._array = None
 
     def get_device_tensor(self) -> jax.Array:
         """``i32[R, P]`` device table as of the last commit.
@@ -127,7 +127,9 @@ class PageTable:
         Its buffers are donated to the next commit that uploads rows: read it again after
         every commit instead of keeping it.
         """
-        return assemble(self._shape, self._sharding, self._device.buffers())
+        if self._array is None:
+            self._array = assemble(self._shape, self._sharding, self._device.buffers())
+        return self._array
 
     def get_cpu_tensor(self) -> np.ndarray:
         """The live host table ``i32[R, P]``."""

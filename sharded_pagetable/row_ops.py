@@ -36,9 +36,15 @@ class MultiGroupRowOps:
 
     def append_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
         """Append ``page_ids[g]`` to row ``row_idx`` of every group ``g``."""
-        row = self._hosts[0].check_row(row_idx)
-        checked = self._check_groups(page_ids, row, replace=False)
-        for host, ids in zip(self._hosts, checked, strict=True):
+        hosts = self._hosts
+        row = hosts[0].check_row(row_idx)
+        if type(page_ids) is list and len(page_ids) == len(hosts):
+            checked = [host.check_ids(ids) for host, ids in zip(hosts, page_ids)]  # noqa: B905
+            for host, ids in zip(hosts, checked):  # noqa: B905
+                host.check_room(row, len(ids))
+        else:
+            checked = self._check_groups(page_ids, row, replace=False)
+        for host, ids in zip(hosts, checked, strict=True):
             host.append(row, ids)
 
     def add_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:

@@ -161,7 +161,7 @@ class Shard:
             )
             apply_group(self.tables[g], self.counts[g], gb)
             self.inner[g][rows] = new_inner
-            self.devices[g].update(rows + self.lo, self.tables[g][rows])
+            self.devices[g].update(rows + self.lo, self.tables[g], whole_below=self.hi)
         self._undo = undo
         self.checksum = total
         self.epoch = batch.epoch
@@ -183,7 +183,7 @@ class Shard:
             table[rows[replaced]] = old_rows
             self.counts[g][rows] = counts
             self.inner[g][rows] = inner
-            self.devices[g].update(rows + self.lo, table[rows])
+            self.devices[g].update(rows + self.lo, table, whole_below=self.hi)
         self.epoch, self._digest, self.checksum = undo.epoch, undo.digest, undo.checksum
         self._undo = None
         return self._ack(0, applied=True)

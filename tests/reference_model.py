@@ -77,10 +77,12 @@ def page_id_values(page_ids: object) -> list[int] | None:
     """The page ids as Python ints, or None when the container or an element is not acceptable.
 
     Acceptable: a list or tuple whose elements are ints / numpy integers (not bools), or a 1-D
-    numpy array with an integer dtype (signed or unsigned; not bool, not float, not object).
+    numpy array with an integer dtype (signed or unsigned; not bool, not float, not object);
+    an empty 1-D array of any dtype is an empty list.
     """
     if isinstance(page_ids, np.ndarray):
-        if page_ids.ndim != 1 or page_ids.dtype.kind not in "iu":
+        # An empty 1-D array holds no bad value, whatever its dtype (np.array([]) is float64).
+        if page_ids.ndim != 1 or (page_ids.size and page_ids.dtype.kind not in "iu"):
             return None
         return [int(v) for v in page_ids.tolist()]
     if isinstance(page_ids, (list, tuple)):
