@@ -91,6 +91,11 @@ class RayBackend:
                 ) from None
             self.actors.append(actor)
         self.placements = self._gather([a.where.remote() for a in self.actors], "attach")
+        if self.options.placement == "spread":
+            try:
+                self._pg = ray.util.get_placement_group(f"{self.options.name}-pg")
+            except ValueError:
+                self._pg = None
 
     def _start(self) -> None:
         o = self.options
@@ -101,7 +106,15 @@ class RayBackend:
             bundle: dict[str, float] = {"CPU": o.cpus_per_shard or 0.01}
             if gpu:
                 bundle["GPU"] = o.devices_per_shard
-            self._pg, strategies = spread_strategies(self.num_shards, bundle, o.timeout_s)
+            # A detached table's group is named and detached too: Ray removes a driver's
+            # placement groups (and the actors in them) when that driver exits.
+            self._pg, strategies = spread_strategies(
+                self.num_shards,
+                bundle,
+                o.timeout_s,
+                name=f"{o.name}-pg" if o.detached else "",
+                detached=o.detached,
+            )
             num_cpus = bundle["CPU"]
         remote_cls = ray.remote(ShardActor)
         for i, strategy in enumerate(strategies):

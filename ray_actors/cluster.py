@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -28,15 +29,18 @@ def start_local(namespace: str | None = None, num_cpus: int | None = None) -> No
 def connect(address: str | None, namespace: str) -> bool:
     """Join the cluster at ``address`` or start a local Ray bound to 127.0.0.1.
 
-    Returns True when this call started Ray (so the caller owns its shutdown). When Ray is
-    already initialised in this process it is used as it is.
+    Returns True when this call initialised Ray in this process (so the caller owns the
+    ``ray.shutdown``). When Ray is already initialised it is used as it is.
     """
     if ray.is_initialized():
         return False
     if address is None:
         start_local(namespace)
-    else:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        return True
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    if host in ("127.0.0.1", "localhost"):
+        _loopback_only()  # else Ray rewrites the driver's own address to a routable one
+    ray.init(address=address, namespace=namespace, log_to_driver=False)
     return True
 
 
@@ -54,24 +58,76 @@ def _loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def spread_strategies(num_shards: int, resources: dict, timeout_s: float):
-    """One STRICT_SPREAD bundle per shard; raises if the cluster has too few nodes."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < num_shards:
-        raise RuntimeError(
-            f"placement: spread needs one node per shard: {num_shards} shards but the "
-            f"cluster has {len(nodes)} alive node(s); add nodes or use placement: pack"
+class SpreadPlacementError(RuntimeError):
+    """``placement: spread`` cannot put every shard on a node of its own."""
+
+
+def _fits(total: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
+    return all(total.get(key, 0.0) >= amount for key, amount in bundle.items())
+
+
+def spread_nodes(resources: Mapping[str, float]) -> tuple[int, int]:
+    """(alive nodes, alive nodes whose total resources can hold one shard's bundle)."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive), sum(_fits(n.get("Resources", {}), resources) for n in alive)
+
+
+def spread_strategies(
+    num_shards: int,
+    resources: Mapping[str, float],
+    timeout_s: float,
+    *,
+    name: str = "",
+    detached: bool = False,
+):
+    """One bundle per shard in a STRICT_SPREAD placement group: every shard actor on a node
+    of its own (in production one node is one host).
+
+    Fails fast, before anything is created, when the cluster has fewer nodes that could hold
+    a bundle than there are shards: Ray would otherwise keep such a group pending forever.
+    A group that still cannot be placed within ``timeout_s`` (the nodes exist but their
+    resources are taken) is removed again and reported. ``name`` / ``detached`` name the group
+    and let it outlive the driver (for detached shard actors, which would otherwise be killed
+    with the group when the driver that created it exits).
+
+    Returns ``(placement_group, [scheduling strategy of shard i])``; raises
+    :class:`SpreadPlacementError`.
+    """
+    bundle = {key: float(amount) for key, amount in resources.items() if amount} or {"CPU": 0.01}
+    alive, fit = spread_nodes(bundle)
+    if fit < num_shards:
+        where = f"{alive} alive node(s)"
+        if fit != alive:
+            where += f", {fit} of them with the resources of a shard ({bundle})"
+        raise SpreadPlacementError(
+            f"placement: spread needs one node per shard, and the cluster has fewer nodes than "
+            f"shards: {num_shards} shards, {where}. Add nodes, lower num_shards, or use "
+            f"placement: pack"
         )
-    pg = placement_group([dict(resources) for _ in range(num_shards)], strategy="STRICT_SPREAD")
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    pg = placement_group(
+        [dict(bundle) for _ in range(num_shards)],
+        strategy="STRICT_SPREAD",
+        name=name,
+        lifetime="detached" if detached else None,
+    )
+    try:
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    except BaseException:
+        release(pg)
+        raise
     if not ready:
-        remove_placement_group(pg)
-        raise RuntimeError(
+        release(pg)
+        raise SpreadPlacementError(
             f"placement: spread could not place {num_shards} shards on distinct nodes within "
-            f"{timeout_s:.0f}s (resources per shard: {resources})"
+            f"{timeout_s:.0f}s ({fit} nodes could hold a shard's resources {bundle}, but not "
+            f"all of them have them free)"
         )
     strategies = [
-        PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        PlacementGroupSchedulingStrategy(
+            placement_group=pg,
+            placement_group_bundle_index=i,
+            placement_group_capture_child_tasks=False,
+        )
         for i in range(num_shards)
     ]
     return pg, strategies
