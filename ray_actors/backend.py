@@ -34,6 +34,8 @@ class RayBackend:
       options: Ray options (address, devices per shard, timeout, placement).
     """
 
+    in_process = False
+
     def __init__(
         self,
         specs: Sequence[ShardSpec],

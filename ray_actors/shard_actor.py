@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,6 +33,7 @@ class ShardActor:
         self._shard = None
         self._joined = False
         self._where: dict[str, Any] = {}
+        self._apply_s: deque[float] = deque(maxlen=4096)
 
     def node_address(self) -> str:
         """``ip:port`` on this node for the JAX coordinator service (called on shard 0)."""
@@ -87,7 +90,14 @@ class ShardActor:
         return self._where
 
     def apply(self, message: bytes):
-        return self._shard.apply(message)
+        t0 = time.perf_counter()
+        ack = self._shard.apply(message)
+        self._apply_s.append(time.perf_counter() - t0)
+        return ack
+
+    def apply_seconds(self) -> list[float]:
+        """Wall time of the recent ``apply`` calls inside this process (for benchmarks)."""
+        return list(self._apply_s)
 
     def rollback(self, epoch: int):
         return self._shard.rollback(epoch)

@@ -1,7 +1,8 @@
 """Where shards live. ``LocalBackend`` keeps them in the driver; ``ray_actors`` has the other.
 
-A backend delivers one message per shard and reports, per shard, an :class:`Ack` or the
-exception that shard raised; the coordinator decides what a failure means.
+An out-of-process backend (:class:`Backend`) delivers one wire message per shard and
+reports, per shard, an :class:`Ack` or the exception that shard raised; the coordinator
+decides what a failure means.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from .device import assemble
-from .shard import Ack, Shard, ShardSpec
+from .device import DeviceRows, assemble
+from .layout import ShardLayout
+from .shard import Ack
 
 
 class Backend(Protocol):
+    """Shards in other processes, reached with wire messages."""
+
     num_shards: int
+    in_process = False
 
     def apply(self, messages: Sequence[bytes]) -> list[Ack | BaseException]: ...
 
@@ -39,61 +44,79 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Every shard in this process; one JAX process owns every device of the mesh."""
+    """In-process shards: one JAX process owns every device of the mesh.
 
-    def __init__(self, specs: Sequence[ShardSpec], sharding: jax.sharding.NamedSharding) -> None:
+    Shard ``s`` owns the device buffers of its rows. Its host rows are the coordinator's
+    published tables (``published[g][lo:hi]``): in one process a second copy would only
+    repeat the same vectorised apply, so a commit here costs the coordinator's bookkeeping
+    plus the dirty-row device updates, and nothing crosses a wire. The wire format, shard
+    epochs and rollback belong to the out-of-process backends.
+    """
+
+    in_process = True
+
+    def __init__(
+        self,
+        layout: ShardLayout,
+        sharding: jax.sharding.NamedSharding,
+        published: Sequence[np.ndarray],
+        warmup: bool = True,
+    ) -> None:
+        self.layout = layout
         self.sharding = sharding
-        self.shards = [Shard(spec, sharding) for spec in specs]
-        self.num_shards = len(self.shards)
+        self.num_shards = layout.num_shards
+        self._published = published
+        self._warmup = warmup
         self._arrays: dict[int, jax.Array] = {}  # assembled global arrays, until a change
+        self.restart()
 
-    def _each(self, calls: Sequence[Callable[[], Ack]]) -> list[Ack | BaseException]:
+    def restart(self) -> None:
+        """(Re)build every shard's device buffers from the published tables."""
         self._arrays.clear()
-        results: list[Ack | BaseException] = []
-        for call in calls:
-            try:
-                results.append(call())
-            except Exception as exc:  # reported per shard; the coordinator decides
-                results.append(exc)
-        return results
+        self.devices = [
+            [
+                DeviceRows(
+                    table.shape,
+                    self.sharding,
+                    table[rows.start : rows.stop],
+                    rows.start,
+                    rows.stop,
+                    warmup=self._warmup,
+                )
+                for table in self._published
+            ]
+            for rows in map(self.layout.shard_rows, range(self.num_shards))
+        ]
 
-    def apply(self, messages: Sequence[bytes]) -> list[Ack | BaseException]:
-        return self._each(
-            [lambda s=s, m=m: s.apply(m) for s, m in zip(self.shards, messages, strict=True)]
-        )
-
-    def rollback(self, shards: Sequence[int], epoch: int) -> list[Ack | BaseException]:
-        return self._each([lambda i=i: self.shards[i].rollback(epoch) for i in shards])
+    def publish(self, group_rows: Sequence[np.ndarray]) -> None:
+        """Upload the given sorted global rows of each group from the published tables."""
+        self._arrays.clear()
+        rps = self.layout.rows_per_shard
+        bounds = np.arange(1, self.num_shards) * rps
+        for g, rows in enumerate(group_rows):
+            if rows.size == 0:
+                continue
+            table = self._published[g]
+            cuts = rows.searchsorted(bounds).tolist()
+            for s, (i, j) in enumerate(zip([0, *cuts], [*cuts, rows.size], strict=True)):
+                if j > i:
+                    lo = s * rps
+                    self.devices[s][g].update(rows[i:j], table[lo : lo + rps], lo + rps)
 
     def group_array(self, group: int) -> jax.Array:
         if group not in self._arrays:
-            first = self.shards[0].devices[group]
-            buffers = [buf for shard in self.shards for buf in shard.buffers(group)]
-            self._arrays[group] = assemble(first.shape, self.sharding, buffers)
+            buffers = [buf for shard in self.devices for buf in shard[group].buffers()]
+            shape = self._published[group].shape
+            self._arrays[group] = assemble(shape, self.sharding, buffers)
         return self._arrays[group]
 
     def device_snapshot(self, group: int) -> np.ndarray:
-        return np.concatenate([s.snapshot(group) for s in self.shards])
+        return np.concatenate([shard[group].to_numpy() for shard in self.devices])
 
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        arrays = [self.group_array(g) for g in range(len(self.shards[0].devices))]
-        return [fn(arrays, *args) for _ in self.shards]
-
-    def status(self) -> list[Ack]:
-        return [s.status() for s in self.shards]
-
-    def reseed(self, messages: Sequence[bytes | None]) -> list[Ack | BaseException]:
-        return self._each(
-            [lambda s=s, m=m: s.reseed(m) for s, m in zip(self.shards, messages, strict=True)]
-        )
-
-    def export(self) -> list[bytes | None]:
-        return [s.export() for s in self.shards]
-
-    def restart(self) -> None:
-        """Replace every shard with a fresh, empty one."""
-        self._arrays.clear()
-        self.shards = [Shard(s.spec, self.sharding) for s in self.shards]
+        arrays = [self.group_array(g) for g in range(len(self._published))]
+        return [fn(arrays, *args) for _ in range(self.num_shards)]
 
     def close(self, clean: bool = True) -> None:
-        self.shards = []
+        self.devices = []
+        self._arrays.clear()

@@ -77,32 +77,46 @@ def segment_index(
     """Flat ``(row, column)`` indices of the cells ``[starts[i], stops[i])`` of ``rows[i]``."""
     lens = (stops - starts).astype(np.int64)
     total = int(lens.sum())
-    flat_rows = np.repeat(rows, lens)
-    offsets = np.cumsum(lens) - lens
-    flat_cols = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lens)
+    if total == lens.size and (lens == 1).all():  # one cell per row: every decode step
+        return rows, starts
+    flat_rows = rows.repeat(lens)
+    offsets = lens.cumsum() - lens
+    flat_cols = np.arange(total, dtype=np.int64) - (offsets - starts).repeat(lens)
     return flat_rows, flat_cols
 
 
-def inner_delta(starts: np.ndarray, counts: np.ndarray, pages: np.ndarray) -> np.ndarray:
-    """``u64[k]`` contribution of cells ``[starts[i], counts[i])`` holding the flat ``pages``."""
+def inner_delta(
+    starts: np.ndarray, counts: np.ndarray, pages: np.ndarray, cols: np.ndarray | None = None
+) -> np.ndarray:
+    """``u64[k]`` contribution of cells ``[starts[i], counts[i])`` holding the flat ``pages``;
+    ``cols`` (their flat column indices) may be passed when already known."""
     lens = (counts - starts).astype(np.int64)
-    _, cols = segment_index(np.zeros(lens.size, dtype=np.int64), starts.astype(np.int64), counts)
+    if cols is None:
+        _, cols = segment_index(np.zeros(lens.size, dtype=np.int64), starts, counts)
     with np.errstate(over="ignore"):
         terms = pages.astype(np.uint64) * col_weights(cols)
-        csum = np.concatenate([np.zeros(1, np.uint64), np.cumsum(terms, dtype=np.uint64)])
-        ends = np.cumsum(lens)
-        seg = csum[ends] - csum[ends - lens]
+        if terms.size == lens.size and (lens == 1).all():
+            seg = terms
+        else:
+            csum = np.zeros(terms.size + 1, np.uint64)
+            terms.cumsum(dtype=np.uint64, out=csum[1:])
+            ends = lens.cumsum()
+            seg = csum[ends] - csum[ends - lens]
         return seg + lens.astype(np.uint64) * _C_COUNT
 
 
 def updated_inner(
-    old_inner: np.ndarray, starts: np.ndarray, counts: np.ndarray, pages: np.ndarray
+    old_inner: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    pages: np.ndarray,
+    cols: np.ndarray | None = None,
 ) -> np.ndarray:
     """New ``inner`` of rows whose cells ``[starts, counts)`` were written; a row with
     ``start == 0`` was replaced, otherwise appended to."""
     with np.errstate(over="ignore"):
         base = np.where(starts == 0, np.uint64(0), old_inner)
-        return base + inner_delta(starts, counts, pages)
+        return base + inner_delta(starts, counts, pages, cols)
 
 
 def total_delta(
@@ -112,8 +126,7 @@ def total_delta(
     if global_rows.size == 0:
         return 0
     with np.errstate(over="ignore"):
-        mix = row_mix(group, global_rows)
-        return int(np.sum(mix * (new_inner - old_inner), dtype=np.uint64))
+        return int((row_mix(group, global_rows) * (new_inner - old_inner)).sum(dtype=np.uint64))
 
 
 def add(a: int, b: int) -> int:

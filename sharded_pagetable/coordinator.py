@@ -169,8 +169,7 @@ class ShardedPageTable(MultiGroupRowOps):
             sharding = row_sharding(mesh, row_axis)
             self.layout = ShardLayout(max_num_reqs, num_shards, mesh.shape[row_axis])
             self.mesh_axes = dict(mesh.shape)
-            specs = [ShardSpec(s, self.layout, widths, warmup) for s in range(num_shards)]
-            self._backend = LocalBackend(specs, sharding)
+            self._backend = LocalBackend(self.layout, sharding, self._published, warmup)
         else:
             from ray_actors.backend import RayBackend
 
@@ -349,16 +348,19 @@ class ShardedPageTable(MultiGroupRowOps):
                 if j > i:
                     delta = checksum.total_delta(g, rows[i:j], old_inner[i:j], new_inner[i:j])
                     expected[s] = checksum.add(expected[s], delta)
-        messages = [
-            encode(ShardBatch(epoch, self.epoch, s, tuple(groups)))
-            for s, groups in enumerate(per_shard)
-        ]
-        results = backend.apply(messages)
-        self._settle(results, expected, epoch)
-        for g, (batch, new_inner) in enumerate(updates):
-            self._inner[g][batch.row] = new_inner
-            apply_group(self._published[g], self._published_counts[g], batch)
-            self._hosts[g].mark_published(batch.row)
+        if backend.in_process:
+            # In-process shards read the published tables: write them, then the devices.
+            sizes = [sum(_payload(b) for b in groups) for groups in per_shard]
+            self._publish_host(updates)
+            backend.publish([batch.row for batch, _ in updates])
+        else:
+            messages = [
+                encode(ShardBatch(epoch, self.epoch, s, tuple(groups)))
+                for s, groups in enumerate(per_shard)
+            ]
+            sizes = [len(m) for m in messages]
+            self._settle(backend.apply(messages), expected, epoch)
+            self._publish_host(updates)
         self._expected = expected
         self.epoch = epoch
         return CommitReceipt(
@@ -366,10 +368,16 @@ class ShardedPageTable(MultiGroupRowOps):
             n,
             True,
             tuple(
-                ShardReceipt(s, sum(b.size for b in per_shard[s]), len(messages[s]), expected[s])
+                ShardReceipt(s, sum(b.size for b in per_shard[s]), sizes[s], expected[s])
                 for s in range(layout.num_shards)
             ),
         )
+
+    def _publish_host(self, updates) -> None:
+        for g, (batch, new_inner) in enumerate(updates):
+            self._inner[g][batch.row] = new_inner
+            apply_group(self._published[g], self._published_counts[g], batch)
+            self._hosts[g].mark_published(batch.row)
 
     def _settle(self, results: list[Ack | BaseException], expected: list[int], epoch: int) -> None:
         """Raise (after rolling back every shard that applied) unless every shard acked."""
@@ -447,6 +455,11 @@ class ShardedPageTable(MultiGroupRowOps):
             if self._backend is None:
                 raise RuntimeError("this ShardedPageTable is closed")
             t0 = time.perf_counter()
+            if self._backend.in_process:
+                self._backend.restart()
+                self._failed = None
+                self.recoveries.append(time.perf_counter() - t0)
+                return self.recoveries[-1]
             try:
                 self._backend.restart()
                 results = self._backend.reseed(self._shard_states())
@@ -549,6 +562,11 @@ class ShardedPageTable(MultiGroupRowOps):
     swap_row = _synchronized(MultiGroupRowOps.swap_row)
     append_rows_batch = _synchronized(MultiGroupRowOps.append_rows_batch)
     compute_slot_mapping = _synchronized(MultiGroupRowOps.compute_slot_mapping)
+
+
+def _payload(batch: GroupBatch) -> int:
+    """Bytes of a group batch's columns (what an in-process shard is handed)."""
+    return sum(a.nbytes for a in (batch.op, batch.row, batch.start, batch.count, batch.pages))
 
 
 def _is_lost(exc: BaseException) -> bool:

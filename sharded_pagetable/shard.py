@@ -57,29 +57,40 @@ class Ack:
     applied: bool
 
 
-def check_group(counts: np.ndarray, batch: GroupBatch, g: int) -> None:
-    """Refuse a batch whose appends do not start at the rows' held counts."""
-    app = batch.op == OP_APPEND
-    if np.any(app):
-        held = counts[batch.row[app]]
-        if np.any(held != batch.start[app]):
-            i = int(np.flatnonzero(held != batch.start[app])[0])
-            raise WireFormatError(
-                f"group {g}: APPEND to local row {int(batch.row[app][i])} starts at "
-                f"{int(batch.start[app][i])} but the row holds {int(held[i])} pages"
-            )
+def check_group(counts: np.ndarray, batch: GroupBatch, g: int) -> np.ndarray:
+    """Refuse a batch whose appends do not start at the rows' held counts; returns the
+    held counts of the batch's rows."""
+    held = counts[batch.row]
+    bad = (held != batch.start) & (batch.op == OP_APPEND)
+    if bad.any():
+        i = int(bad.nonzero()[0][0])
+        raise WireFormatError(
+            f"group {g}: APPEND to local row {int(batch.row[i])} starts at "
+            f"{int(batch.start[i])} but the row holds {int(held[i])} pages"
+        )
+    return held
 
 
-def apply_group(table: np.ndarray, counts: np.ndarray, batch: GroupBatch) -> None:
-    """Write ``batch`` into ``table`` (``i32[rows, P]``) and ``counts`` without a Python loop."""
+def apply_group(
+    table: np.ndarray,
+    counts: np.ndarray,
+    batch: GroupBatch,
+    held: np.ndarray | None = None,
+    cells: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Write ``batch`` into ``table`` (``i32[rows, P]``) and ``counts`` without a Python loop.
+
+    ``held`` (the rows' current counts) and ``cells`` (``segment_index`` of the written
+    cells) may be passed when the caller has them already.
+    """
     if batch.size == 0:
         return
-    old = counts[batch.row]
+    old = counts[batch.row] if held is None else held
     shrink = old > batch.count
-    if np.any(shrink):
+    if shrink.any():
         r, c = segment_index(batch.row[shrink], batch.count[shrink], old[shrink])
         table[r, c] = PAGE_TABLE_PADDING_VAL
-    r, c = segment_index(batch.row, batch.start, batch.count)
+    r, c = segment_index(batch.row, batch.start, batch.count) if cells is None else cells
     table[r, c] = batch.pages
     counts[batch.row] = batch.count
 
@@ -91,7 +102,7 @@ class _Undo:
     checksum: int
     # per group: rows touched, old counts, old checksum terms, replaced-row mask, old rows
     # of the replaced ones
-    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]
 
 
 class Shard:
@@ -143,23 +154,24 @@ class Shard:
                 f"batch for epoch {batch.epoch} builds on epoch {batch.base}, "
                 f"but shard {self.spec.shard_id} holds epoch {self.epoch}"
             )
-        for g, gb in enumerate(batch.groups):
-            check_group(self.counts[g], gb, g)
+        held = [check_group(self.counts[g], gb, g) for g, gb in enumerate(batch.groups)]
         undo = _Undo(self.epoch, self._digest, self.checksum, [])
         total = self.checksum
         for g, gb in enumerate(batch.groups):
+            if gb.size == 0:
+                undo.groups.append(None)
+                continue
             rows = gb.row
             old_inner = self.inner[g][rows]
             replaced = gb.op != OP_APPEND
             # Appends are undone by truncation; only replaced rows need their old content.
-            undo.groups.append(
-                (rows, self.counts[g][rows], old_inner, replaced, self.tables[g][rows[replaced]])
-            )
-            new_inner = checksum.updated_inner(old_inner, gb.start, gb.count, gb.pages)
+            undo.groups.append((rows, held[g], old_inner, replaced, self.tables[g][rows[replaced]]))
+            cells = segment_index(rows, gb.start, gb.count)
+            new_inner = checksum.updated_inner(old_inner, gb.start, gb.count, gb.pages, cells[1])
             total = checksum.add(
                 total, checksum.total_delta(g, rows + self.lo, old_inner, new_inner)
             )
-            apply_group(self.tables[g], self.counts[g], gb)
+            apply_group(self.tables[g], self.counts[g], gb, held[g], cells)
             self.inner[g][rows] = new_inner
             self.devices[g].update(rows + self.lo, self.tables[g], whole_below=self.hi)
         self._undo = undo
@@ -175,7 +187,10 @@ class Shard:
         undo = self._undo
         if undo is None:
             raise RuntimeError(f"shard {self.spec.shard_id} cannot step back from epoch {epoch}")
-        for g, (rows, counts, inner, replaced, old_rows) in enumerate(undo.groups):
+        for g, entry in enumerate(undo.groups):
+            if entry is None:
+                continue
+            rows, counts, inner, replaced, old_rows = entry
             table = self.tables[g]
             appended = ~replaced
             r, c = segment_index(rows[appended], counts[appended], self.counts[g][rows[appended]])

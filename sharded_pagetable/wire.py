@@ -149,24 +149,29 @@ def _decode_group(group: object, g: int, limits: WireLimits) -> GroupBatch:
     if k > limits.num_rows:
         raise WireFormatError(f"group {g}: {k} ops for a shard of {limits.num_rows} rows")
     width = limits.widths[g]
+    expected = 0
+    # ndarray methods, not np.* wrappers: this runs on every commit in every shard.
     if k:
-        if row[0] < 0 or row[-1] >= limits.num_rows or np.any(np.diff(row) <= 0):
+        if row[0] < 0 or row[-1] >= limits.num_rows or (row[1:] <= row[:-1]).any():
             raise WireFormatError(
                 f"group {g}: rows must be strictly increasing within 0..{limits.num_rows - 1}"
             )
-        if np.any((start < 0) | (start > count) | (count > width)):
+        if start.min() < 0 or count.max() > width or (start > count).any():
             raise WireFormatError(f"group {g}: need 0 <= start <= count <= {width} for every op")
-        is_set, is_app, is_clr = op == OP_SET, op == OP_APPEND, op == OP_CLEAR
-        if not np.all(is_set | is_app | is_clr):
-            raise WireFormatError(f"group {g}: unknown op code in {np.unique(op).tolist()}")
-        if np.any(is_set & (start != 0)) or np.any(is_clr & ((start != 0) | (count != 0))):
-            raise WireFormatError(f"group {g}: SET must start at 0 and CLEAR must empty the row")
-        if np.any(is_app & ((start == 0) | (start == count))):
+        is_app = op == OP_APPEND
+        if not is_app.all():
+            if op.min() < OP_SET or op.max() > OP_CLEAR:
+                raise WireFormatError(f"group {g}: unknown op code in {np.unique(op).tolist()}")
+            if ((start != 0) & ~is_app).any() or ((count != 0) & (op == OP_CLEAR)).any():
+                raise WireFormatError(
+                    f"group {g}: SET must start at 0 and CLEAR must empty the row"
+                )
+        if ((start == 0) | (start == count))[is_app].any():
             raise WireFormatError(f"group {g}: APPEND must add pages after a non-empty row")
-    expected = int((count.astype(np.int64) - start).sum()) if k else 0
+        expected = int(count.sum(dtype=np.int64)) - int(start.sum(dtype=np.int64))
     if pages.size != expected:
         raise WireFormatError(f"group {g}: {pages.size} page ids for {expected} written cells")
-    if pages.size and (pages.min() < 0 or pages.max() > MAX_PAGE_ID):
+    if pages.size and pages.min() < 0:  # int32 cannot exceed MAX_PAGE_ID
         raise WireFormatError(f"group {g}: page ids must be in 0..{MAX_PAGE_ID}")
     return GroupBatch(op, row, start, count, pages)
 

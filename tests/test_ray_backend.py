@@ -124,6 +124,37 @@ def test_killed_shard_fails_the_next_commit_and_publishes_nothing(local_ray):
         t.close()
 
 
+def test_refused_batch_rolls_back_every_shard_and_manual_recover_restores(local_ray):
+    """A live shard that refuses its batch (here: it lost its state behind the coordinator's
+    back) makes commit raise naming it; the shards that applied step back, nothing is
+    published, and recover() rebuilds every shard at the last published epoch."""
+    t = make(4)
+    try:
+        rps = ROWS // 4
+        for s in range(4):
+            t.add_row([[s + 1, s + 2], [s]], s * rps)
+        first = t.commit(ROWS)
+        before = [t.device_snapshot(g) for g in range(2)]
+        ray.get(t._backend.actors[2].reseed.remote(None), timeout=30)  # shard 2 forgets
+        for s in range(4):
+            t.append_row([[40 + s], [50 + s]], s * rps)
+        with pytest.raises(sp.ShardFailedError, match="shard 2") as info:
+            t.commit(ROWS)
+        assert info.value.shard == 2 and t.epoch == first.epoch
+        epochs = [a.epoch for a in t._backend.status()]
+        assert epochs == [first.epoch, first.epoch, 0, first.epoch]
+        t.recover()
+        assert [a.epoch for a in t._backend.status()] == [first.epoch] * 4
+        for g in range(2):
+            np.testing.assert_array_equal(t.device_snapshot(g), before[g])
+        # The pending appends were kept and go out with the next commit.
+        receipt = t.commit(ROWS)
+        assert receipt.epoch == first.epoch + 1 and receipt.rows == 8
+        assert t.device_snapshot(0)[2 * rps, :3].tolist() == [3, 4, 42]
+    finally:
+        t.close()
+
+
 def test_mesh_with_rows_on_another_process_is_refused(local_ray):
     with pytest.raises(sp.ShardFailedError, match="mesh refused"):
         sp.ShardedPageTable(

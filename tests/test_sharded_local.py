@@ -78,29 +78,6 @@ def test_run_on_shards_jitted_reduction_matches_mirror():
         assert [(lo, hi) for _, lo, hi in blocks] == [(i * 8, i * 8 + 8) for i in range(8)]
 
 
-def test_failed_commit_on_a_refusing_shard_publishes_nothing():
-    """A shard that refuses its batch makes commit raise; shards that applied step back."""
-    with make(4) as t:
-        t.add_row([[1], [1]], 0)
-        t.commit(ROWS)
-        before = [t.device_snapshot(g) for g in range(2)]
-        # Desynchronise shard 2 behind the coordinator's back: its next batch is refused.
-        t._backend.shards[2].epoch = 99
-        for r in (0, 17, 33, 49):
-            t.append_row([[5], [6]], r)
-        with pytest.raises(sp.ShardFailedError, match="shard 2") as info:
-            t.commit(ROWS)
-        assert info.value.shard == 2 and info.value.epoch == 2
-        assert t.epoch == 1
-        assert [s.epoch for s in t._backend.shards] == [1, 1, 99, 1]
-        for g in range(2):
-            np.testing.assert_array_equal(t.device_snapshot(g), before[g])
-        # The mirror kept the pending rows: once the shard is back in step they go out.
-        t._backend.shards[2].epoch = 1
-        assert t.commit(ROWS).epoch == 2
-        assert t.device_snapshot(0)[49, :2].tolist() == [5, 0]
-
-
 def test_bad_calls_change_nothing():
     with make(2) as t:
         t.add_row([[1, 2], [3]], 10)
