@@ -11,9 +11,10 @@ import numpy as np
 import ray
 
 from sharded_pagetable.config import RayOptions
-from sharded_pagetable.errors import ShardFailedError
+from sharded_pagetable.errors import ShardFailedError, WireFormatError
 from sharded_pagetable.shard import Ack, ShardSpec
 
+from .channel import ChannelClosedError, ShardClient, new_secret
 from .cluster import connect, release, spread_strategies
 from .shard_actor import ShardActor
 
@@ -62,6 +63,7 @@ class RayBackend:
         self._owns_ray = connect(options.address, options.namespace)
         self._pg = None
         self._cdag = None  # compiled graph delivering apply messages
+        self._clients: list[ShardClient] = []  # commit channels, one per shard
         self._graph_broken = False
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
@@ -93,6 +95,10 @@ class RayBackend:
                 ) from None
             self.actors.append(actor)
         self.placements = self._gather([a.where.remote() for a in self.actors], "attach")
+        secrets = self._gather([a.channel_secret.remote() for a in self.actors], "attach")
+        if len(set(secrets)) != 1:
+            raise ShardFailedError(0, -1, "attached shards belong to different tables")
+        self._connect(secrets[0])
         if self.options.placement == "spread":
             try:
                 self._pg = ray.util.get_placement_group(f"{self.options.name}-pg")
@@ -131,11 +137,13 @@ class RayBackend:
         t0 = time.perf_counter()
         address = ray.get(self.actors[0].node_address.remote(), timeout=max(o.timeout_s, 120))
         heartbeat = max(10, int(o.timeout_s * 2))
+        secret = new_secret()
         refs = [
-            a.start.remote(address, spec, self.mesh_axes, self.row_axis, heartbeat)
+            a.start.remote(address, spec, self.mesh_axes, self.row_axis, heartbeat, secret)
             for a, spec in zip(self.actors, self.specs, strict=True)
         ]
         self.placements = self._gather(refs, "start", timeout=max(o.timeout_s, 180))
+        self._connect(secret)
         self.start_seconds = time.perf_counter() - t0
         log.info("started %d shard actors in %.1fs", self.num_shards, self.start_seconds)
 
@@ -149,6 +157,23 @@ class RayBackend:
                 if "name" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def _connect(self, secret: bytes) -> None:
+        """Open the commit channel to every shard (``ray.channel: socket``)."""
+        if self.options.channel != "socket":
+            return
+        for i, where in enumerate(self.placements):
+            try:
+                self._clients.append(
+                    ShardClient(tuple(where["channel"]), secret, self.options.timeout_s)
+                )
+            except OSError as exc:
+                raise ShardFailedError(i, -1, f"cannot open the commit channel: {exc}") from exc
+
+    def _close_clients(self) -> None:
+        clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
     def restart(self) -> None:
         """Replace every shard process (a JAX job cannot continue without one of them)."""
@@ -192,6 +217,8 @@ class RayBackend:
         path tears it down and re-sends over ordinary calls, which tells the shards apart;
         a shard that already applied the epoch acknowledges the re-send without re-applying.
         """
+        if self._clients:
+            return self._apply_over_channel(messages)
         graph = self._graph()
         if graph is not None:
             try:
@@ -203,9 +230,43 @@ class RayBackend:
         refs = [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
         return self._results(refs, self.options.timeout_s)
 
+    def _apply_over_channel(self, messages: Sequence[bytes]) -> list[Ack | BaseException]:
+        """Write every shard's frame, then read every ack: one round trip, all in flight."""
+        deadline = time.monotonic() + self.options.timeout_s
+        results: list[Ack | BaseException | None] = [None] * len(messages)
+        for i, (client, message) in enumerate(zip(self._clients, messages, strict=True)):
+            if client.broken:
+                results[i] = ChannelClosedError(f"shard {i}'s channel is closed")
+                continue
+            try:
+                client.send(message)
+            except OSError as exc:
+                results[i] = exc
+        for i, client in enumerate(self._clients):
+            if results[i] is not None:
+                continue
+            try:
+                reply = client.recv(deadline)
+            except TimeoutError:
+                results[i] = ShardTimeoutError(
+                    f"shard {i} did not answer within {self.options.timeout_s}s"
+                )
+                continue
+            except OSError as exc:
+                results[i] = exc
+                continue
+            if "error" in reply:
+                kind = WireFormatError if reply["error"] == "wire" else RuntimeError
+                results[i] = kind(str(reply.get("message")))
+            else:
+                results[i] = Ack(
+                    i, reply["epoch"], reply["checksum"], reply["rows"], reply["applied"]
+                )
+        return results  # type: ignore[return-value]
+
     def _graph(self):
         """The compiled apply graph, compiled on first use; None when disabled or broken."""
-        if self._cdag is None and self.options.compiled_graph and not self._graph_broken:
+        if self._cdag is None and self.options.channel == "compiled" and not self._graph_broken:
             try:
                 from ray.dag import InputNode, MultiOutputNode
 
@@ -251,6 +312,7 @@ class RayBackend:
         return self._gather([a.pid.remote() for a in self.actors], "pid")
 
     def _kill_all(self) -> None:
+        self._close_clients()
         self._teardown_graph()
         actors, self.actors = self.actors, []
         for a in actors:
@@ -264,6 +326,7 @@ class RayBackend:
     def close(self, clean: bool = True) -> None:
         """Stop every shard actor. ``clean=False`` skips the JAX distributed shutdown (its
         barrier would wait for a dead process) and kills the actors at once."""
+        self._close_clients()
         self._teardown_graph()
         if self.actors and clean:
             refs = [a.shutdown.remote() for a in self.actors]
@@ -275,6 +338,7 @@ class RayBackend:
 
     def detach(self) -> None:
         """Forget the actors without stopping them (a detached table outlives this driver)."""
+        self._close_clients()
         self._teardown_graph()
         self.actors = []
         self._pg = None

@@ -3,13 +3,16 @@
 Each actor sets its device count before JAX starts, joins the job with
 ``jax.distributed.initialize`` (shard 0's node hosts the JAX coordinator on a port it
 picks), builds the same global mesh as every other actor, refuses a mesh on which its rows
-would live elsewhere, and from then on only takes wire bytes.
+would live elsewhere, and from then on only takes wire bytes: through Ray calls, or through
+its commit channel (:mod:`ray_actors.channel`) whose server thread shares the shard under a
+lock with the actor's methods.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -29,10 +32,12 @@ class ShardActor:
 
         if platform == "cpu":
             jax.config.update("jax_num_cpu_devices", devices)
-        self._devices = devices
         self._shard = None
         self._joined = False
+        self._lock = threading.Lock()  # the shard is shared with the channel thread
         self._where: dict[str, Any] = {}
+        self._secret = b""
+        self._server = None
         self._apply_s: deque[float] = deque(maxlen=4096)
 
     def node_address(self) -> str:
@@ -52,8 +57,10 @@ class ShardActor:
         mesh_axes: Mapping[str, int],
         row_axis: str,
         heartbeat_timeout_s: int,
+        secret: bytes,
     ) -> dict[str, Any]:
-        """Join the JAX job, build the mesh and the shard; returns where it landed."""
+        """Join the JAX job, build the mesh, the shard and its channel; returns where it
+        landed (including the channel's address)."""
         import jax
         import ray
 
@@ -61,15 +68,18 @@ class ShardActor:
         from sharded_pagetable.mesh import build_mesh, check_ownership, row_sharding
         from sharded_pagetable.shard import Shard
 
+        from .channel import ShardServer
+
         kwargs = {}
         if self.shard_id == 0:
-            kwargs["coordinator_bind_address"] = coordinator
+            kwargs["coordinator_bind_address"] = coordinator  # not every interface
         jax.distributed.initialize(
             coordinator_address=coordinator,
             num_processes=self.num_shards,
             process_id=self.shard_id,
             initialization_timeout=120,
             heartbeat_timeout_seconds=heartbeat_timeout_s,
+            cluster_detection_method="deactivate",
             **kwargs,
         )
         self._joined = True
@@ -79,49 +89,72 @@ class ShardActor:
         layout: ShardLayout = spec.layout
         check_ownership(mesh, row_axis, layout, {s: s for s in range(layout.num_shards)})
         self._shard = Shard(spec, row_sharding(mesh, row_axis))
+        node_ip = ray.util.get_node_ip_address()
+        self._secret = secret
+        self._server = ShardServer(
+            node_ip, secret, self._serve_frame, self._shard.limits.max_bytes + 64
+        )
         self._where = {
             "shard": self.shard_id,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(),
+            "node_ip": node_ip,
             "devices": [str(d) for d in jax.local_devices()],
             "rows": (self._shard.lo, self._shard.hi),
+            "channel": list(self._server.address),
         }
         return self._where
 
+    def _serve_frame(self, request: bytes) -> bytes:
+        from .channel import encode_reply
+
+        try:
+            result: Any = self.apply(request)
+        except Exception as exc:  # reported to the driver, which decides what it means
+            result = exc
+        return encode_reply(result)
+
+    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            return fn(*args)
+
     def apply(self, message: bytes):
-        t0 = time.perf_counter()
-        ack = self._shard.apply(message)
-        self._apply_s.append(time.perf_counter() - t0)
-        return ack
+        with self._lock:
+            t0 = time.perf_counter()
+            ack = self._shard.apply(message)
+            self._apply_s.append(time.perf_counter() - t0)
+            return ack
 
     def apply_seconds(self) -> list[float]:
         """Wall time of the recent ``apply`` calls inside this process (for benchmarks)."""
         return list(self._apply_s)
 
     def rollback(self, epoch: int):
-        return self._shard.rollback(epoch)
+        return self._locked(self._shard.rollback, epoch)
 
     def reseed(self, message: bytes | None):
-        return self._shard.reseed(message)
+        return self._locked(self._shard.reseed, message)
 
     def export(self) -> bytes | None:
-        return self._shard.export()
+        return self._locked(self._shard.export)
+
+    def snapshot(self, group: int):
+        return self._locked(self._shard.snapshot, group)
+
+    def status(self):
+        return self._locked(self._shard.status)
 
     def where(self) -> dict[str, Any]:
         return self._where
 
-    def snapshot(self, group: int):
-        return self._shard.snapshot(group)
-
-    def epoch(self) -> int:
-        return self._shard.epoch
-
-    def status(self):
-        return self._shard.status()
+    def channel_secret(self) -> bytes:
+        """For a coordinator that attaches to this running shard (over Ray's authenticated
+        control plane)."""
+        return self._secret
 
     def run(self, fn: Callable[..., Any], args: tuple) -> Any:
-        return fn(self._shard.group_arrays(), *args)
+        with self._lock:
+            return fn(self._shard.group_arrays(), *args)
 
     def pid(self) -> int:
         return os.getpid()
@@ -129,6 +162,8 @@ class ShardActor:
     def shutdown(self) -> None:
         import jax
 
+        if self._server is not None:
+            self._server.close()
         self._shard = None
         if self._joined:
             self._joined = False

@@ -27,10 +27,20 @@ def _prepare_jax(config) -> None:
         jax.config.update("jax_num_cpu_devices", wanted)
 
 
+class _BadConfig(Exception):
+    pass
+
+
 def _load(path: str, overrides: dict):
     from .config import TableConfig
+    from .errors import ConfigError
 
-    config = TableConfig.from_yaml(path, **overrides)
+    try:
+        config = TableConfig.from_yaml(path, **overrides)
+    except FileNotFoundError:
+        raise _BadConfig(f"config file not found: {path}") from None
+    except ConfigError as exc:
+        raise _BadConfig(f"bad config {path}: {exc}") from None
     _prepare_jax(config)
     return config
 
@@ -257,4 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "steps", 1) < 1 or getattr(args, "check_every", 1) < 1:
         parser.error("--steps and --check-every must be positive")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _BadConfig as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

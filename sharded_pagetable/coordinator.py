@@ -245,6 +245,10 @@ class ShardedPageTable(MultiGroupRowOps):
         return self._backend
 
     def _group_array(self, group: int) -> jax.Array:
+        with self._lock:  # a commit in another thread would donate the buffers under us
+            return self._group_array_unlocked(group)
+
+    def _group_array_unlocked(self, group: int) -> jax.Array:
         backend = self._live_backend()
         if not isinstance(backend, LocalBackend):
             raise RuntimeError(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from .host import HostRows, PageIds
 from .slot_mapping import compute_slot_mapping
-from .validation import group_lists
+from .validation import check_index, group_lists
 
 
 class MultiGroupRowOps:
@@ -108,13 +108,11 @@ class MultiGroupRowOps:
     def compute_slot_mapping(self, group: int, req_indices: object, positions: object):
         """``i32[max_num_batched_tokens]`` slots of the scheduled tokens in ``group``, from
         the host table (see :mod:`sharded_pagetable.slot_mapping`)."""
-        if not 0 <= group < len(self._hosts):
-            raise IndexError(f"group {group} is out of range: valid 0..{len(self._hosts) - 1}")
-        host = self._hosts[group]
+        host = self._hosts[check_index(group, len(self._hosts), "group")]
         return compute_slot_mapping(
             host.table,
             host.counts,
-            self.page_sizes[group],
+            self.page_sizes[int(group)],
             req_indices,
             positions,
             self.max_num_batched_tokens,

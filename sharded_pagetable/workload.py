@@ -120,6 +120,17 @@ class ServingWorkload:
         pools = config.pages_per_group or tuple(
             max_num_reqs * cdiv(max_model_len, s) for s in self.page_sizes
         )
+        if len(pools) != len(self.page_sizes):
+            raise ValueError(
+                f"pages_per_group has {len(pools)} pools for {len(self.page_sizes)} groups"
+            )
+        longest = config.prompt_len[1] + config.output_len[1]
+        for g, (pool, size) in enumerate(zip(pools, self.page_sizes, strict=True)):
+            if pool < cdiv(longest, size):
+                raise ValueError(
+                    f"group {g}'s pool of {pool} pages cannot hold the longest request "
+                    f"({longest} tokens need {cdiv(longest, size)} pages of {size})"
+                )
         self.free_pages = [deque(range(n)) for n in pools]
         self.reserved = [0] * len(self.page_sizes)  # pages promised to admitted requests
         self.waiting: deque[Request] = deque()

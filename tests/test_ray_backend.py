@@ -1,6 +1,9 @@
 """ShardedPageTable with backend="ray": real Ray actors, each a JAX process joined with
 jax.distributed, against the single-process table."""
 
+import os
+import time
+
 import numpy as np
 import pytest
 from differential import random_ops, run_differential
@@ -23,6 +26,20 @@ def local_ray():
     start_local(namespace="sharded_pagetable_tests")
     yield
     ray.shutdown()
+
+
+def kill_and_wait(table, actor, shard: int) -> None:
+    """ray.kill is asynchronous: wait until the shard's process is really gone."""
+    pid = table._backend.placements[shard]["pid"]
+    ray.kill(actor)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"shard {shard} (pid {pid}) did not exit")
 
 
 def make(num_shards: int, **ray_opts) -> sp.ShardedPageTable:
@@ -99,7 +116,7 @@ def test_killed_shard_fails_the_next_commit_and_publishes_nothing(local_ray):
         first = t.commit(ROWS)
         before = t.device_snapshot(0)
         survivor, victim = t._backend.actors
-        ray.kill(victim)
+        kill_and_wait(t, victim, 1)
         t.append_row([[6], [7]], 1)  # shard 0
         t.append_row([[8], [9]], 21)  # shard 1
         with pytest.raises(sp.ShardFailedError, match="shard 1") as info:
@@ -108,7 +125,7 @@ def test_killed_shard_fails_the_next_commit_and_publishes_nothing(local_ray):
         assert t.epoch == first.epoch
         # The surviving shard applied the batch and stepped back: it still holds the old epoch
         # and the old rows on its devices.
-        assert ray.get(survivor.epoch.remote(), timeout=20) == first.epoch
+        assert ray.get(survivor.status.remote(), timeout=20).epoch == first.epoch
         np.testing.assert_array_equal(
             ray.get(survivor.snapshot.remote(0), timeout=20), before[: ROWS // 2]
         )

@@ -1,0 +1,123 @@
+"""``python -m sharded_pagetable info|demo`` as subprocesses on the in-process config."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = "configs/local.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "sharded_pagetable", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def summary_rows(stdout: str) -> dict[str, str]:
+    """The ``| key | value |`` rows of the demo's summary table."""
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.fullmatch(r"\|\s(.+?)\s+\|\s(.*?)\s*\|", line)
+        if m:
+            rows[m.group(1).strip()] = m.group(2)
+    return rows
+
+
+def test_info_prints_one_line_per_shard():
+    res = run("info", "--config", LOCAL)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "backend     local" in out
+    assert re.search(r"rows\s+1024 = 8 blocks x 128 rows; 256 rows per shard", out), out
+    assert "page sizes [16, 64] -> pages per row [2048, 512]" in out
+    shard_lines = re.findall(
+        r"^\s*(\d+)\s+\[\s*(\d+),\s*(\d+)\)\s+\[\s*(\d+),\s*(\d+)\)\s+(.*)$", out, re.M
+    )
+    assert len(shard_lines) == 4, out
+    for s, (shard, lo, hi, blo, bhi, where) in enumerate(shard_lines):
+        assert int(shard) == s
+        assert (int(lo), int(hi)) == (256 * s, 256 * (s + 1))
+        assert (int(blo), int(bhi)) == (2 * s, 2 * s + 2)
+        assert where == f"process 0: devices {2 * s}..{2 * s + 1}"
+
+
+def test_demo_runs_checks_and_plots(tmp_path):
+    plot = tmp_path / "demo.png"
+    res = run(
+        "demo",
+        "--config",
+        LOCAL,
+        "--steps",
+        "30",
+        "--check-every",
+        "10",
+        "--quiet",
+        "--plot",
+        str(plot),
+    )
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    out = res.stdout
+    rows = summary_rows(out)
+    assert rows["backend"] == "local, 4 shards"
+    assert rows["steps"] == "30"
+    served = re.fullmatch(r"(\d+) \(live at end: (\d+)\)", rows["requests served"])
+    assert served, rows["requests served"]
+    assert int(served.group(2)) > 0
+    assert int(rows["tokens scheduled"]) > 0
+    assert re.fullmatch(r"\d+", rows["rows moved across shards"])
+    p50_p99 = re.fullmatch(r"(\d+) / (\d+) us", rows["commit p50 / p99"])
+    assert p50_p99, rows["commit p50 / p99"]
+    assert int(p50_p99.group(1)) <= int(p50_p99.group(2))
+    per_commit = re.fullmatch(r"mean (\d+), max (\d+)", rows["bytes per commit"])
+    assert per_commit, rows["bytes per commit"]
+    assert 0 < int(per_commit.group(1)) <= int(per_commit.group(2))
+    # 30 steps checked every 10 steps: 3 periodic checks plus the final snapshot check.
+    assert rows["checks"] == "4 (all passed)"
+    assert "all checks passed" in out
+    assert "CHECK FAILED" not in res.stderr
+    assert f"plot        {plot}" in out
+
+    data = plot.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert data[12:16] == b"IHDR"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 100 and height > 100
+    assert data[-8:-4] == b"IEND"  # the last chunk: length, "IEND", CRC
+    assert len(data) > 10_000
+
+
+@pytest.mark.parametrize("command", ["info", "demo"])
+def test_missing_config_fails(tmp_path, command):
+    missing = tmp_path / "no-such-config.yaml"
+    extra = ["--steps", "1", "--no-plot", "--quiet"] if command == "demo" else []
+    res = run(command, "--config", str(missing), *extra, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: config file not found: {missing}"
+
+
+def test_bad_config_key_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(LOCAL).read_text() + "bogus: 1\n")
+    res = run("info", "--config", str(bad), timeout=120)
+    assert res.returncode == 2
+    assert "unknown config key bogus" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bad_arguments_are_usage_errors():
+    res = run("demo", "--config", LOCAL, "--steps", "0", timeout=120)
+    assert res.returncode == 2
+    assert "--steps and --check-every must be positive" in res.stderr
