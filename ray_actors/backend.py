@@ -64,6 +64,9 @@ class RayBackend:
         self._pg = None
         self._cdag = None  # compiled graph delivering apply messages
         self._clients: list[ShardClient] = []  # commit channels, one per shard
+        # Fault-injection point for chaos tests: called after every shard's frame is sent
+        # and before any ack is read, i.e. while the commit is in flight.
+        self.after_send: Callable[[], None] | None = None
         self._graph_broken = False
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
@@ -242,6 +245,8 @@ class RayBackend:
                 client.send(message)
             except OSError as exc:
                 results[i] = exc
+        if self.after_send is not None:
+            self.after_send()
         for i, client in enumerate(self._clients):
             if results[i] is not None:
                 continue

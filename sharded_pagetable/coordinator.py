@@ -261,8 +261,7 @@ class ShardedPageTable(MultiGroupRowOps):
         """``i32[R, P]`` numpy copy of group ``group``'s committed device table."""
         if not 0 <= group < len(self._hosts):
             raise IndexError(f"group {group} is out of range: valid 0..{len(self._hosts) - 1}")
-        with self._lock:
-            return self._live_backend().device_snapshot(group)
+        return self._read(lambda backend: backend.device_snapshot(group))
 
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Run ``fn(list_of_group_arrays, *args)`` in every shard process at once.
@@ -271,8 +270,31 @@ class ShardedPageTable(MultiGroupRowOps):
         so a jitted function over them is an SPMD program across the shard processes.
         ``fn`` is trusted driver code: it runs with the shard process's privileges.
         """
+        return self._read(lambda backend: backend.run_on_shards(fn, *args))
+
+    def shard_status(self) -> list[tuple[int, int]]:
+        """``(epoch, checksum)`` each shard reports now; all equal to ``(t.epoch, receipt
+        checksum)`` when the table is healthy."""
+        if self._backend is not None and self._backend.in_process:
+            with self._lock:
+                self._live_backend()
+                return [(self.epoch, c) for c in self._expected]
+        return self._read(lambda backend: [(a.epoch, a.checksum) for a in backend.status()])
+
+    def _read(self, fn: Callable[[Backend], Any]) -> Any:
+        """Run a read on the shards; a lost shard fails the table closed, and with
+        ``recover="auto"`` the shards are recovered and the read retried once."""
         with self._lock:
-            return self._live_backend().run_on_shards(fn, *args)
+            if self._failed is not None and self.recover_mode == "auto":
+                self.recover()
+            try:
+                return fn(self._live_backend())
+            except ShardFailedError as exc:
+                self._failed = exc
+                if self.recover_mode != "auto":
+                    raise
+            self.recover()
+            return fn(self._live_backend())
 
     # -- the side-effect point -------------------------------------------------------------
 

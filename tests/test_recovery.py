@@ -1,0 +1,241 @@
+"""Recovery of the Ray backend: manual recover, idempotent re-sends, and a restarted
+coordinator attaching to detached shards (checked against the independent reference model)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from reference_model import ReferenceModel
+
+import sharded_pagetable as sp
+from sharded_pagetable.config import TableConfig
+from sharded_pagetable.wire import OP_APPEND, GroupBatch, ShardBatch, encode
+from sharded_pagetable.workload import ServingWorkload, WorkloadConfig, apply_ops
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.multiprocess]
+
+ROWS, MAX_LEN, PAGE_SIZES, BUDGET = 32, 1024, (16, 64), 256
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from ray_actors.cluster import start_local
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    start_local(namespace="spt_recovery_tests")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def config(name: str, **ray_opts) -> TableConfig:
+    return TableConfig.from_dict(
+        {
+            "max_num_reqs": ROWS,
+            "max_model_len": MAX_LEN,
+            "max_num_batched_tokens": BUDGET,
+            "page_sizes": list(PAGE_SIZES),
+            "num_shards": 2,
+            "backend": "ray",
+            "ray": {
+                "devices_per_shard": 2,
+                "timeout_s": 30,
+                "namespace": "spt_recovery_tests",
+                "name": name,
+                **ray_opts,
+            },
+        }
+    )
+
+
+def workload(seed: int) -> ServingWorkload:
+    wl = WorkloadConfig(
+        seed=seed, arrivals_per_step=2, prompt_len=(8, 200), output_len=(4, 60), token_budget=BUDGET
+    )
+    return ServingWorkload(wl, ROWS, MAX_LEN, PAGE_SIZES)
+
+
+def model() -> ReferenceModel:
+    return ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
+
+
+def assert_published(table: sp.ShardedPageTable, ref: ReferenceModel) -> None:
+    """Mirror and device snapshots equal the model's published tables."""
+    for g in range(len(PAGE_SIZES)):
+        np.testing.assert_array_equal(table[g].get_cpu_tensor(), ref.device_array(g))
+        np.testing.assert_array_equal(table[g].num_pages_per_row, ref.device_counts_array(g))
+        np.testing.assert_array_equal(table.device_snapshot(g), ref.device_array(g))
+
+
+def assert_same(table: sp.ShardedPageTable, ref: ReferenceModel) -> None:
+    for g in range(len(PAGE_SIZES)):
+        np.testing.assert_array_equal(table[g].get_cpu_tensor(), ref.host_array(g))
+        np.testing.assert_array_equal(table[g].num_pages_per_row, ref.counts_array(g))
+        np.testing.assert_array_equal(table.device_snapshot(g), ref.device_array(g))
+
+
+def test_dead_shard_with_manual_recover(local_ray):
+    t = config("manual").build()
+    ref = model()
+    try:
+        wl = workload(3)
+        for _ in range(8):
+            step = wl.step()
+            for tab in (t, ref):
+                apply_ops(tab, step.ops)
+                tab.commit(step.num_reqs)
+        os.kill(t._backend.placements[1]["pid"], signal.SIGKILL)
+        step = wl.step()
+        apply_ops(t, step.ops)
+        apply_ops(ref, step.ops)
+        with pytest.raises(sp.ShardFailedError, match=r"shard \d") as info:
+            t.commit(step.num_reqs)
+        assert info.value.epoch == t.epoch + 1
+        with pytest.raises(sp.ShardFailedError, match="fail-closed"):
+            t.commit(step.num_reqs)
+        seconds = t.recover()
+        assert seconds > 0 and len(t.recoveries) == 1
+        # Recovered at the last published epoch; the pending step is still pending.
+        for g in range(len(PAGE_SIZES)):
+            np.testing.assert_array_equal(t.device_snapshot(g), ref.device_array(g))
+        assert {e for e, _ in t.shard_status()} == {t.epoch}
+        t.commit(step.num_reqs)
+        ref.commit(step.num_reqs)
+        assert_same(t, ref)
+    finally:
+        t.close()
+
+
+def test_resent_epoch_is_acknowledged_not_applied_twice(local_ray):
+    t = config("resend").build()
+    try:
+        t.add_row([[1, 2], [3]], 0)
+        t.commit(ROWS)
+        actor = t._backend.actors[0]
+        epoch, checksum = t.shard_status()[0]
+        append = GroupBatch(
+            np.array([OP_APPEND], np.int32),
+            np.array([0], np.int32),
+            np.array([2], np.int32),
+            np.array([3], np.int32),
+            np.array([9], np.int32),
+        )
+        empty = GroupBatch(*(np.empty(0, np.int32) for _ in range(5)))
+        message = encode(ShardBatch(epoch + 1, epoch, 0, (append, empty)))
+        first = ray.get(actor.apply.remote(message), timeout=30)
+        again = ray.get(actor.apply.remote(message), timeout=30)
+        assert first.applied and not again.applied
+        assert (again.epoch, again.checksum) == (first.epoch, first.checksum)
+        assert first.checksum != checksum
+        assert ray.get(actor.snapshot.remote(0), timeout=30)[0, :4].tolist() == [1, 2, 9, 0]
+    finally:
+        t.close()
+
+
+def test_attach_settles_shards_one_epoch_apart(local_ray):
+    """The old coordinator died after shard 0 applied an epoch that shard 1 never got: the
+    new coordinator steps shard 0 back and starts from the last epoch every shard holds."""
+    cfg = config("apart", detached=True)
+    t = cfg.build()
+    ref = model()
+    for tab in (t, ref):
+        tab.add_row([[5, 6, 7], [8]], 0)
+        tab.add_row([[9], [10, 11]], 20)
+        tab.commit(ROWS)
+    epoch = t.epoch
+    append = GroupBatch(
+        np.array([OP_APPEND], np.int32),
+        np.array([0], np.int32),
+        np.array([3], np.int32),
+        np.array([4], np.int32),
+        np.array([99], np.int32),
+    )
+    empty = GroupBatch(*(np.empty(0, np.int32) for _ in range(5)))
+    message = encode(ShardBatch(epoch + 1, epoch, 0, (append, empty)))
+    assert ray.get(t._backend.actors[0].apply.remote(message), timeout=30).epoch == epoch + 1
+    t._backend.detach()  # the old coordinator is gone; its shards keep running
+    del t
+    attached = sp.ShardedPageTable.attach(cfg)
+    try:
+        assert attached.epoch == epoch
+        assert {e for e, _ in attached.shard_status()} == {epoch}
+        assert_published(attached, ref)
+        attached.append_row([[12], [13]], 0)
+        ref.append_row([[12], [13]], 0)
+        assert attached.commit(ROWS).epoch == epoch + 1
+        ref.commit(ROWS)
+        assert_same(attached, ref)
+    finally:
+        attached.close()
+
+
+COORDINATOR = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from sharded_pagetable.config import TableConfig
+from sharded_pagetable.workload import apply_ops
+from test_recovery import workload
+cfg = TableConfig.from_dict(json.loads(sys.argv[1]))
+t = cfg.build()
+wl = workload(int(sys.argv[2]))
+for _ in range(int(sys.argv[3])):
+    step = wl.step()
+    apply_ops(t, step.ops)
+    t.commit(step.num_reqs)
+print(json.dumps({{"epoch": t.epoch, "num_reqs": step.num_reqs}}), flush=True)
+os._exit(0)  # the coordinator process dies without closing anything
+"""
+
+
+def test_restarted_coordinator_attaches_and_continues(local_ray):
+    cfg = config("restart", detached=True)
+    data = {**cfg.__dict__, "page_sizes": list(PAGE_SIZES)}
+    data["ray"] = {**cfg.ray.__dict__, "address": local_ray}
+    seed, before, after = 11, 25, 15
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            COORDINATOR.format(tests=os.path.join(REPO, "tests")),
+            json.dumps(data),
+            str(seed),
+            str(before),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    crashed = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The restarted scheduler rebuilds its own state from the same request stream.
+    ref, wl = model(), workload(seed)
+    for _ in range(before):
+        step = wl.step()
+        apply_ops(ref, step.ops)
+        ref.commit(step.num_reqs)
+    t0 = time.perf_counter()
+    t = sp.ShardedPageTable.attach(cfg)
+    try:
+        assert time.perf_counter() - t0 < 60
+        assert t.epoch == crashed["epoch"] > 0
+        assert_published(t, ref)
+        # Changes the old coordinator never committed (rows it vacated past num_reqs) died
+        # with it; the scheduler re-issues them, then carries on.
+        for r in range(crashed["num_reqs"], ROWS):
+            if any(ref.count(g, r) != len(ref.device[g][r]) for g in range(len(PAGE_SIZES))):
+                t.clear_row(r)
+        for _ in range(after):
+            step = wl.step()
+            for tab in (t, ref):
+                apply_ops(tab, step.ops)
+                tab.commit(step.num_reqs)
+            assert_same(t, ref)
+    finally:
+        t.close()
