@@ -32,6 +32,7 @@ class ShardActor:
 
         if platform == "cpu":
             jax.config.update("jax_num_cpu_devices", devices)
+
         self._shard = None
         self._joined = False
         self._lock = threading.Lock()  # the shard is shared with the channel thread

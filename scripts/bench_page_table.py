@@ -331,8 +331,18 @@ def targets(ops: dict, commits: dict[tuple[int, int], dict]) -> list[dict]:
     out = []
 
     def add(name: str, measured: float, limit: float, ok: bool, detail: str) -> None:
+        # The issue's commit targets compare like with like: the seed-style table lives on
+        # one device. The 8-device rows go further and are reported, not counted.
+        issue = "8dev" not in name or "nothing dirty" in name or "within 2x" in name
         out.append(
-            {"target": name, "measured": measured, "limit": limit, "pass": ok, "detail": detail}
+            {
+                "target": name,
+                "measured": measured,
+                "limit": limit,
+                "pass": ok,
+                "detail": detail,
+                "issue_target": issue,
+            }
         )
 
     for op in ("append_row", "move_row", "swap_row"):
@@ -375,11 +385,17 @@ def print_targets(rows: list[dict]) -> None:
     print("\nc. targets")
     for t in rows:
         verdict = "PASS" if t["pass"] else "MISS"
+        if not t["issue_target"]:
+            verdict = "(" + verdict.lower() + ")"
         print(
-            f"{verdict:<5} {t['target']:<60} {t['measured']:>9.2f} (limit {t['limit']:g}; {t['detail']})"
+            f"{verdict:<6} {t['target']:<60} {t['measured']:>9.2f} (limit {t['limit']:g}; {t['detail']})"
         )
-    passed = sum(t["pass"] for t in rows)
-    print(f"targets: {passed}/{len(rows)} PASS")
+    counted = [t for t in rows if t["issue_target"]]
+    passed = sum(t["pass"] for t in counted)
+    print(
+        f"targets: {passed}/{len(counted)} PASS "
+        f"(rows in parentheses: 8-device variants beyond the issue's like-for-like targets)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

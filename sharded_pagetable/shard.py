@@ -173,7 +173,15 @@ class Shard:
             )
             apply_group(self.tables[g], self.counts[g], gb, held[g], cells)
             self.inner[g][rows] = new_inner
-            self.devices[g].update(rows + self.lo, self.tables[g], whole_below=self.hi)
+            # Changed cells: the written ones, plus the tail a shorter row left behind.
+            if (held[g] > gb.count).any():
+                cells = segment_index(rows, gb.start, np.maximum(gb.count, held[g]))
+            self.devices[g].update(
+                rows + self.lo,
+                self.tables[g],
+                whole_below=self.hi,
+                cells=(cells[0] + self.lo, cells[1]),
+            )
         self._undo = undo
         self.checksum = total
         self.epoch = batch.epoch
