@@ -9,7 +9,7 @@
 #   scripts/launch_local_cluster.sh [-- extra demo arguments, e.g. --seed 3 --quiet]
 #
 # Environment (defaults after the colon):
-#   SPT_STEPS: 60                 demo steps
+#   SPT_STEPS: 150                demo steps (enough to fill more than one shard)
 #   SPT_CONFIG: configs/ray-cluster-local.yaml
 #   SPT_BASE_PORT: auto           first port of a block of 300 (node i uses base+100*i ...);
 #                                 auto takes the first free block from 24000 up
@@ -26,7 +26,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 python=${SPT_PYTHON:-$repo/.venv/bin/python}
 [ -x "$python" ] || python=python3
-steps=${SPT_STEPS:-60}
+steps=${SPT_STEPS:-150}
 config=${SPT_CONFIG:-configs/ray-cluster-local.yaml}
 wait_s=${SPT_WAIT_S:-120}
 demo_timeout=${SPT_DEMO_TIMEOUT:-900}

@@ -235,7 +235,7 @@ def _plot(path: str, commit_us, dirty, live) -> None:
     ax[0].set_ylabel("commit time (us)")
     ax[0].set_yscale("log")
     ax[0].set_title("sharded-pagetable demo: one commit per scheduler step")
-    ax[1].plot(dirty, lw=0.8, color="tab:orange", label="dirty rows sent")
+    ax[1].plot(dirty, lw=0.8, color="tab:orange", label="row updates sent (all groups)")
     ax[1].plot(live, lw=0.8, color="tab:green", label="live rows (num_reqs)")
     ax[1].set_ylabel("rows")
     ax[1].set_xlabel("step")
