@@ -25,7 +25,7 @@ from .checksum import segment_index
 from .config import RayOptions, TableConfig
 from .constants import cdiv
 from .errors import ShardFailedError
-from .host import HostRows
+from .host import CLEAN, REWRITTEN, HostRows
 from .layout import ShardLayout
 from .mesh import build_mesh, row_sharding
 from .page_table import check_page_sizes
@@ -302,7 +302,7 @@ class ShardedPageTable(MultiGroupRowOps):
         host = self._hosts[g]
         rows = host.pending(n)
         counts = host.counts[rows]
-        starts = np.where(host.rewritten[rows], 0, self._published_counts[g][rows]).astype(np.int32)
+        starts = np.where(host.rewritten(rows), 0, self._published_counts[g][rows]).astype(np.int32)
         op = np.where(starts > 0, OP_APPEND, np.where(counts == 0, OP_CLEAR, OP_SET))
         r, c = segment_index(rows, starts, counts)
         pages = host.table[r, c]
@@ -544,8 +544,7 @@ class ShardedPageTable(MultiGroupRowOps):
         for g, host in enumerate(self._hosts):
             host.table[...] = self._published[g]
             host.counts[...] = self._published_counts[g]
-            host.dirty.fill(False)
-            host.rewritten.fill(False)
+            host.state.fill(CLEAN)
         self.epoch = target
         self._rehash()
         for s, ack in enumerate(backend.status()):
@@ -563,8 +562,7 @@ class ShardedPageTable(MultiGroupRowOps):
             self._live_backend()
             for host, published in zip(self._hosts, self._published_counts, strict=True):
                 host.reset()
-                host.dirty[:] = published > 0
-                host.rewritten[:] = host.dirty
+                host.state[:] = np.where(published > 0, REWRITTEN, CLEAN)
             self.commit(self.max_num_reqs)
 
     def close(self) -> None:

@@ -38,6 +38,14 @@ def _scatter_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
     return buf.at[idx].set(rows, mode="drop")
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter_cells_groups(bufs: tuple, r: tuple, c: tuple, v: tuple) -> tuple:
+    # One dispatch updating a cell batch in every KV-cache group held on one device.
+    return tuple(
+        buf.at[ri, ci].set(vi, mode="drop") for buf, ri, ci, vi in zip(bufs, r, c, v, strict=True)
+    )
+
+
 def bucket_sizes(block_rows: int) -> tuple[int, ...]:
     """Index-batch sizes compiled for a block of ``block_rows`` rows: 8, 32, 128, ... and the
     block itself, so any dirty count pads to at most 4x its size."""
@@ -217,6 +225,76 @@ class DeviceRows:
             stop = self._blocks[device][1]
             out[start - self.lo : stop - self.lo] = np.asarray(self._buffers[device])
         return out
+
+
+def update_groups(
+    groups: Sequence[DeviceRows],
+    updates: Sequence[tuple[np.ndarray, np.ndarray, int, tuple[np.ndarray, np.ndarray]] | None],
+) -> None:
+    """Publish several groups' changes (``(rows, source, whole_below, cells)`` each, or None)
+    on device blocks they share, with one dispatch per device where every group's change in a
+    block is a small cell batch (the decode case); other blocks take the per-group path.
+    All groups must cover the same rows with the same sharding.
+    """
+    first = groups[0]
+    bounds = first._starts[1:]
+    # Per group: cell cut points per block (or None when the group has nothing to send).
+    cuts = [
+        None
+        if u is None or u[0].size == 0
+        else [0, *np.searchsorted(u[3][0], bounds).tolist(), u[3][0].size]
+        for u in updates
+    ]
+    for b, start in enumerate(first._starts.tolist()):
+        spans = [None if cut is None else (cut[b], cut[b + 1]) for cut in cuts]
+        if all(sp is None or sp[0] == sp[1] for sp in spans):
+            continue
+        if any(sp is not None and sp[1] - sp[0] > CELL_BUCKET for sp in spans):
+            stop = start + first.block_rows
+            for g, u in enumerate(updates):
+                if u is None or u[0].size == 0:
+                    continue
+                rows, source, whole_below, cells = u
+                i, j = np.searchsorted(rows, [start, stop]).tolist()
+                ci, cj = spans[g]
+                if j > i:
+                    groups[g].update(
+                        rows[i:j], source, whole_below, (cells[0][ci:cj], cells[1][ci:cj])
+                    )
+            continue
+        rs, cs, vs = [], [], []
+        for g, u in enumerate(updates):
+            r = np.full(CELL_BUCKET, first.block_rows, dtype=np.int32)
+            c = np.zeros(CELL_BUCKET, dtype=np.int32)
+            v = np.zeros(CELL_BUCKET, dtype=np.int32)
+            if spans[g] is not None and spans[g][1] > spans[g][0]:
+                ci, cj = spans[g]
+                dev = groups[g]
+                local = u[3][0][ci:cj] - dev.lo
+                r[: cj - ci] = local - (start - dev.lo)
+                c[: cj - ci] = u[3][1][ci:cj]
+                v[: cj - ci] = u[1][local, u[3][1][ci:cj]]
+            rs.append(r)
+            cs.append(c)
+            vs.append(v)
+        for device in first._replicas[start]:
+            bufs = tuple(dev._buffers[device] for dev in groups)
+            new = _scatter_cells_groups(bufs, tuple(rs), tuple(cs), tuple(vs))
+            for dev, buf in zip(groups, new, strict=True):
+                dev._buffers[device] = buf
+
+
+def warmup_groups(groups: Sequence[DeviceRows]) -> None:
+    """Compile the fused cell update of :func:`update_groups` on every device."""
+    first = groups[0]
+    r = np.full(CELL_BUCKET, first.block_rows, dtype=np.int32)
+    z = np.zeros(CELL_BUCKET, dtype=np.int32)
+    n = len(groups)
+    for device in first._blocks:
+        bufs = tuple(dev._buffers[device] for dev in groups)
+        new = _scatter_cells_groups(bufs, (r,) * n, (z,) * n, (z,) * n)
+        for dev, buf in zip(groups, new, strict=True):
+            dev._buffers[device] = buf
 
 
 def assemble(

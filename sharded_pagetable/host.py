@@ -17,14 +17,15 @@ from .errors import PageTableFullError
 from .validation import check_index, page_id_array
 
 PageIds = Sequence[int] | np.ndarray
+CLEAN, APPENDED, REWRITTEN = 0, 1, 2
 
 
 class HostRows:
     """``i32[R, P]`` page ids and ``i32[R]`` counts, with per-row change tracking.
 
     Invariant: ``table[r, counts[r]:]`` is ``PAGE_TABLE_PADDING_VAL`` for every row.
-    ``dirty[r]`` marks rows changed since they were last published; ``rewritten[r]`` marks
-    rows whose published prefix may no longer hold (anything but a pure append).
+    ``state[r]`` is ``CLEAN``, ``APPENDED`` (only pages added since the row was last
+    published, so its published prefix still holds) or ``REWRITTEN`` (anything else).
     """
 
     def __init__(self, num_rows: int, capacity: int, num_pages: int | None = None) -> None:
@@ -34,8 +35,7 @@ class HostRows:
         self.max_id = MAX_PAGE_ID if num_pages is None else num_pages - 1
         self.table = np.full((num_rows, capacity), PAGE_TABLE_PADDING_VAL, dtype=np.int32)
         self.counts = np.zeros(num_rows, dtype=np.int32)
-        self.dirty = np.zeros(num_rows, dtype=bool)
-        self.rewritten = np.zeros(num_rows, dtype=bool)
+        self.state = np.zeros(num_rows, dtype=np.int8)  # CLEAN / APPENDED / REWRITTEN
 
     # -- checks (no state change) ------------------------------------------------------
 
@@ -73,7 +73,8 @@ class HostRows:
         start = self.counts.item(row)
         self.table[row, start : start + n] = ids
         self.counts[row] = start + n
-        self.dirty[row] = True
+        if not self.state.item(row):
+            self.state[row] = APPENDED
 
     def checked_append(self, row: int, ids: PageIds) -> None:
         """``check_room`` and ``append`` with one read of the count (the hot path)."""
@@ -84,7 +85,8 @@ class HostRows:
         if n:
             self.table[row, start : start + n] = ids
             self.counts[row] = start + n
-            self.dirty[row] = True
+            if not self.state.item(row):
+                self.state[row] = APPENDED
 
     def replace(self, row: int, ids: PageIds) -> None:
         n, old = len(ids), self.counts.item(row)
@@ -92,14 +94,12 @@ class HostRows:
         if old > n:
             self.table[row, n:old] = PAGE_TABLE_PADDING_VAL
         self.counts[row] = n
-        self.dirty[row] = True
-        self.rewritten[row] = True
+        self.state[row] = REWRITTEN
 
     def clear_row(self, row: int) -> None:
         self.table[row, : self.counts.item(row)] = PAGE_TABLE_PADDING_VAL
         self.counts[row] = 0
-        self.dirty[row] = True
-        self.rewritten[row] = True
+        self.state[row] = REWRITTEN
 
     def copy_row(self, src: int, tgt: int) -> None:
         if src == tgt:
@@ -109,8 +109,7 @@ class HostRows:
         m = n if n >= old else old
         self.table[tgt, :m] = self.table[src, :m]
         self.counts[tgt] = n
-        self.dirty[tgt] = True
-        self.rewritten[tgt] = True
+        self.state[tgt] = REWRITTEN
 
     def swap_rows(self, a: int, b: int) -> None:
         if a == b:
@@ -122,19 +121,20 @@ class HostRows:
         table[a, :m] = table[b, :m]
         table[b, :m] = held
         counts[a], counts[b] = nb, na
-        self.dirty[a] = self.dirty[b] = True
-        self.rewritten[a] = self.rewritten[b] = True
+        self.state[a] = self.state[b] = REWRITTEN
 
     def reset(self) -> None:
         self.table.fill(PAGE_TABLE_PADDING_VAL)
         self.counts.fill(0)
-        self.dirty.fill(False)
-        self.rewritten.fill(False)
+        self.state.fill(CLEAN)
 
     def pending(self, num_reqs: int) -> np.ndarray:
         """Sorted rows below ``num_reqs`` that changed since they were last published."""
-        return np.flatnonzero(self.dirty[:num_reqs])
+        return np.flatnonzero(self.state[:num_reqs])
+
+    def rewritten(self, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` changed by more than appends since they were published."""
+        return self.state[rows] == REWRITTEN
 
     def mark_published(self, rows: np.ndarray) -> None:
-        self.dirty[rows] = False
-        self.rewritten[rows] = False
+        self.state[rows] = CLEAN

@@ -17,7 +17,7 @@ import numpy as np
 from . import checksum
 from .checksum import segment_index
 from .constants import PAGE_TABLE_PADDING_VAL
-from .device import DeviceRows, assemble
+from .device import DeviceRows, assemble, update_groups, warmup_groups
 from .errors import WireFormatError
 from .layout import ShardLayout
 from .wire import OP_APPEND, GroupBatch, WireLimits, decode, encode, state_batch
@@ -129,6 +129,8 @@ class Shard:
             )
             for w, table in zip(spec.widths, self.tables, strict=True)
         ]
+        if spec.warmup:
+            warmup_groups(self.devices)
 
     def _ack(self, rows: int, applied: bool) -> Ack:
         return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied)
@@ -157,6 +159,7 @@ class Shard:
         held = [check_group(self.counts[g], gb, g) for g, gb in enumerate(batch.groups)]
         undo = _Undo(self.epoch, self._digest, self.checksum, [])
         total = self.checksum
+        device_updates: list = [None] * len(batch.groups)
         for g, gb in enumerate(batch.groups):
             if gb.size == 0:
                 undo.groups.append(None)
@@ -176,12 +179,13 @@ class Shard:
             # Changed cells: the written ones, plus the tail a shorter row left behind.
             if (held[g] > gb.count).any():
                 cells = segment_index(rows, gb.start, np.maximum(gb.count, held[g]))
-            self.devices[g].update(
+            device_updates[g] = (
                 rows + self.lo,
                 self.tables[g],
-                whole_below=self.hi,
-                cells=(cells[0] + self.lo, cells[1]),
+                self.hi,
+                (cells[0] + self.lo, cells[1]),
             )
+        update_groups(self.devices, device_updates)
         self._undo = undo
         self.checksum = total
         self.epoch = batch.epoch
