@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 _MIN_BUCKET = 8
-_BUCKET_GROWTH = 4
+_BUCKET_GROWTH = 2
 # Upload a whole block instead of scattering once 1/_WHOLE_BLOCK_FRACTION of it changed.
 _WHOLE_BLOCK_FRACTION = 4
 # A block whose changed cells fit in this many goes out as a cell scatter (12 bytes a
@@ -47,8 +47,8 @@ def _scatter_cells_groups(bufs: tuple, r: tuple, c: tuple, v: tuple) -> tuple:
 
 
 def bucket_sizes(block_rows: int) -> tuple[int, ...]:
-    """Index-batch sizes compiled for a block of ``block_rows`` rows: 8, 32, 128, ... and the
-    block itself, so any dirty count pads to at most 4x its size."""
+    """Index-batch sizes compiled for a block of ``block_rows`` rows: 8, 16, 32, ... and the
+    block itself, so any dirty count pads to at most twice its size."""
     sizes = []
     size = _MIN_BUCKET
     while size < block_rows:
