@@ -19,6 +19,7 @@ import numpy as np
 _K_COL = np.uint64(0x9E3779B97F4A7C15)
 _K_ROW = np.uint64(0xD1B54A32D192ED03)
 _C_COUNT = np.uint64(0xA0761D6478BD642F)
+C_COUNT = _C_COUNT
 _MAX_TABLE = 1 << 20  # cache lookup tables up to this many rows or columns (8 MiB)
 
 
@@ -48,6 +49,19 @@ def _col_weight_table(size: int) -> np.ndarray:
     table = splitmix64(np.arange(size, dtype=np.uint64) ^ _K_COL) | np.uint64(1)
     table.flags.writeable = False
     return table
+
+
+def table_size(num_rows: int) -> int:
+    """Size of the cached row-mix table covering rows ``[0, num_rows)``."""
+    return _pow2_at_least(num_rows)
+
+
+def row_mix_table(group: int, size: int) -> np.ndarray:
+    """``u64[size]`` multipliers of rows ``[0, size)`` (cached when small enough)."""
+    if size > _MAX_TABLE:
+        key = (np.uint64(group) << np.uint64(32)) | np.arange(size, dtype=np.uint64)
+        return splitmix64(key ^ _K_ROW) | np.uint64(1)
+    return _row_mix_table(group, size)
 
 
 def row_mix(group: int, rows: np.ndarray) -> np.ndarray:

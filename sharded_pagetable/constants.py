@@ -13,3 +13,7 @@ MAX_PAGE_ID = 2**31 - 1
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for non-negative ``a`` and positive ``b``: ``cdiv(7, 3) == 3``."""
     return -(-a // b)
+
+
+OP_SET, OP_APPEND, OP_CLEAR = 1, 2, 3
+"""Wire op codes: a row replaced from slot 0, pages appended, a row emptied."""

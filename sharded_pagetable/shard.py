@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from . import checksum
+from . import checksum, kernels
 from .checksum import segment_index
 from .constants import PAGE_TABLE_PADDING_VAL
 from .device import DeviceRows, assemble, update_groups, warmup_groups
@@ -123,6 +123,9 @@ class Shard:
         self.epoch = 0
         self._digest: bytes | None = None
         self._undo: _Undo | None = None
+        # Checksum tables the compiled apply reads: column weights per group, row mixes.
+        self._col_w = [checksum.col_weights(np.arange(w)) for w in spec.widths]
+        self._mix_size = checksum.table_size(layout.max_num_reqs)
         self.devices = [
             DeviceRows(
                 (layout.max_num_reqs, w), sharding, table, self.lo, self.hi, warmup=spec.warmup
@@ -131,6 +134,31 @@ class Shard:
         ]
         if spec.warmup:
             warmup_groups(self.devices)
+            self._warm_kernels()
+
+    def _warm_kernels(self) -> None:
+        """Compile (or load from numba's cache) the apply kernels for the argument types a
+        decoded message has (read-only int32 columns), before the first commit."""
+        empty = np.frombuffer(b"", dtype="<i4")
+        none = np.empty(0, np.int64)
+        kernels.check_values(empty, empty, empty, empty, empty, 1, 1)
+        for g in range(len(self.tables)):
+            kernels.first_bad_append(self.counts[g], empty, empty, empty)
+            kernels.apply_batch(
+                self.tables[g],
+                self.counts[g],
+                self.inner[g],
+                empty,
+                empty,
+                empty,
+                empty,
+                self._col_w[g],
+                checksum.row_mix_table(g, self._mix_size),
+                self.lo,
+                checksum.C_COUNT,
+                none,
+                none,
+            )
 
     def _ack(self, rows: int, applied: bool) -> Ack:
         return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied)
@@ -156,34 +184,54 @@ class Shard:
                 f"batch for epoch {batch.epoch} builds on epoch {batch.base}, "
                 f"but shard {self.spec.shard_id} holds epoch {self.epoch}"
             )
-        held = [check_group(self.counts[g], gb, g) for g, gb in enumerate(batch.groups)]
+        for g, gb in enumerate(batch.groups):
+            bad = kernels.first_bad_append(self.counts[g], gb.op, gb.row, gb.start)
+            if bad >= 0:
+                raise WireFormatError(
+                    f"group {g}: APPEND to local row {int(gb.row[bad])} starts at "
+                    f"{int(gb.start[bad])} but the row holds {int(self.counts[g][gb.row[bad]])} "
+                    "pages"
+                )
         undo = _Undo(self.epoch, self._digest, self.checksum, [])
         total = self.checksum
         device_updates: list = [None] * len(batch.groups)
+        mix_size = self._mix_size
         for g, gb in enumerate(batch.groups):
             if gb.size == 0:
                 undo.groups.append(None)
                 continue
             rows = gb.row
-            old_inner = self.inner[g][rows]
+            held = self.counts[g][rows]
             replaced = gb.op != OP_APPEND
             # Appends are undone by truncation; only replaced rows need their old content.
-            undo.groups.append((rows, held[g], old_inner, replaced, self.tables[g][rows[replaced]]))
-            cells = segment_index(rows, gb.start, gb.count)
-            new_inner = checksum.updated_inner(old_inner, gb.start, gb.count, gb.pages, cells[1])
-            total = checksum.add(
-                total, checksum.total_delta(g, rows + self.lo, old_inner, new_inner)
+            undo.groups.append(
+                (rows, held, self.inner[g][rows], replaced, self.tables[g][rows[replaced]])
             )
-            apply_group(self.tables[g], self.counts[g], gb, held[g], cells)
-            self.inner[g][rows] = new_inner
+            size = int(np.maximum(gb.count, held).sum(dtype=np.int64) - gb.start.sum())
+            cells_r = np.empty(size, np.int64)
+            cells_c = np.empty(size, np.int64)
+            delta, n = kernels.apply_batch(
+                self.tables[g],
+                self.counts[g],
+                self.inner[g],
+                rows,
+                gb.start,
+                gb.count,
+                gb.pages,
+                self._col_w[g],
+                checksum.row_mix_table(g, mix_size),
+                self.lo,
+                checksum.C_COUNT,
+                cells_r,
+                cells_c,
+            )
+            total = checksum.add(total, int(delta))
             # Changed cells: the written ones, plus the tail a shorter row left behind.
-            if (held[g] > gb.count).any():
-                cells = segment_index(rows, gb.start, np.maximum(gb.count, held[g]))
             device_updates[g] = (
                 rows + self.lo,
                 self.tables[g],
                 self.hi,
-                (cells[0] + self.lo, cells[1]),
+                (cells_r[:n] + self.lo, cells_c[:n]),
             )
         update_groups(self.devices, device_updates)
         self._undo = undo

@@ -23,15 +23,24 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from .constants import MAX_PAGE_ID
+from . import kernels
+from .constants import MAX_PAGE_ID, OP_APPEND, OP_CLEAR, OP_SET  # noqa: F401 (wire API)
 from .errors import WireFormatError
 
 VERSION = 1
-OP_SET, OP_APPEND, OP_CLEAR = 1, 2, 3
+
 _KEYS = frozenset({"v", "epoch", "base", "shard", "groups"})
 _GROUP_KEYS = ("op", "row", "start", "count", "pages")
 _I32 = np.dtype("<i4")
 _MAX_EPOCH = 2**63 - 1
+_VALUE_ERRORS = {
+    1: "rows must be strictly increasing within the shard",
+    2: "need 0 <= start <= count <= pages per row for every op",
+    3: "unknown op code",
+    4: "SET must start at 0 and CLEAR must empty the row",
+    5: "APPEND must add pages after a non-empty row",
+    6: f"page ids must be in 0..{MAX_PAGE_ID}",
+}
 
 
 @dataclass(frozen=True)
@@ -149,30 +158,11 @@ def _decode_group(group: object, g: int, limits: WireLimits) -> GroupBatch:
     if k > limits.num_rows:
         raise WireFormatError(f"group {g}: {k} ops for a shard of {limits.num_rows} rows")
     width = limits.widths[g]
-    expected = 0
-    # ndarray methods, not np.* wrappers: this runs on every commit in every shard.
-    if k:
-        if row[0] < 0 or row[-1] >= limits.num_rows or (row[1:] <= row[:-1]).any():
-            raise WireFormatError(
-                f"group {g}: rows must be strictly increasing within 0..{limits.num_rows - 1}"
-            )
-        if start.min() < 0 or count.max() > width or (start > count).any():
-            raise WireFormatError(f"group {g}: need 0 <= start <= count <= {width} for every op")
-        is_app = op == OP_APPEND
-        if not is_app.all():
-            if op.min() < OP_SET or op.max() > OP_CLEAR:
-                raise WireFormatError(f"group {g}: unknown op code in {np.unique(op).tolist()}")
-            if ((start != 0) & ~is_app).any() or ((count != 0) & (op == OP_CLEAR)).any():
-                raise WireFormatError(
-                    f"group {g}: SET must start at 0 and CLEAR must empty the row"
-                )
-        if ((start == 0) | (start == count))[is_app].any():
-            raise WireFormatError(f"group {g}: APPEND must add pages after a non-empty row")
-        expected = int(count.sum(dtype=np.int64)) - int(start.sum(dtype=np.int64))
+    code, i, expected = kernels.check_values(op, row, start, count, pages, limits.num_rows, width)
+    if code:
+        raise WireFormatError(f"group {g}: {_VALUE_ERRORS[code]} (entry {i})")
     if pages.size != expected:
         raise WireFormatError(f"group {g}: {pages.size} page ids for {expected} written cells")
-    if pages.size and pages.min() < 0:  # int32 cannot exceed MAX_PAGE_ID
-        raise WireFormatError(f"group {g}: page ids must be in 0..{MAX_PAGE_ID}")
     return GroupBatch(op, row, start, count, pages)
 
 
