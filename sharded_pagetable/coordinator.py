@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from . import checksum
+from . import checksum, kernels
 from .backends import Backend, LocalBackend
 from .checksum import segment_index
 from .config import RayOptions, TableConfig
@@ -158,6 +158,26 @@ class ShardedPageTable(MultiGroupRowOps):
         self._published = [np.zeros((max_num_reqs, w), np.int32) for w in widths]
         self._published_counts = [np.zeros(max_num_reqs, np.int32) for _ in widths]
         self._inner = [np.zeros(max_num_reqs, np.uint64) for _ in widths]
+        # Checksum tables for the compiled kernels: column weights per group, row mixes.
+        self._col_w = [checksum.col_weights(np.arange(w)) for w in widths]
+        self._mix = [
+            checksum.row_mix_table(g, checksum.table_size(max_num_reqs)) for g in range(len(widths))
+        ]
+        if warmup:  # compile (or load from numba's cache) the kernels before the first commit
+            empty = [self._group_updates(g, 0) for g in range(len(widths))]
+            self._publish_host(empty)
+            for g, b in enumerate(empty):
+                kernels.preview_delta(
+                    self._inner[g],
+                    b.row,
+                    b.start,
+                    b.count,
+                    b.pages,
+                    self._col_w[g],
+                    self._mix[g],
+                    0,
+                    checksum.C_COUNT,
+                )
         self._views = [GroupView(self, g) for g in range(len(widths))]
         self.epoch = 0
         self._failed: ShardFailedError | None = None
@@ -298,16 +318,15 @@ class ShardedPageTable(MultiGroupRowOps):
 
     # -- the side-effect point -------------------------------------------------------------
 
-    def _group_updates(self, g: int, n: int):
+    def _group_updates(self, g: int, n: int) -> GroupBatch:
+        """Group ``g``'s pending rows below ``n`` as one batch over global rows."""
         host = self._hosts[g]
         rows = host.pending(n)
         counts = host.counts[rows]
         starts = np.where(host.rewritten(rows), 0, self._published_counts[g][rows]).astype(np.int32)
         op = np.where(starts > 0, OP_APPEND, np.where(counts == 0, OP_CLEAR, OP_SET))
         r, c = segment_index(rows, starts, counts)
-        pages = host.table[r, c]
-        new_inner = checksum.updated_inner(self._inner[g][rows], starts, counts, pages)
-        return GroupBatch(op.astype(np.int32), rows, starts, counts, pages), new_inner
+        return GroupBatch(op.astype(np.int32), rows, starts, counts, host.table[r, c])
 
     def commit(self, num_reqs: int) -> CommitReceipt:
         """Publish rows ``[0, num_reqs)`` on every shard as one new epoch.
@@ -347,38 +366,48 @@ class ShardedPageTable(MultiGroupRowOps):
     def _commit_once(self, n: int) -> CommitReceipt:
         backend = self._live_backend()
         updates = [self._group_updates(g, n) for g in range(len(self._hosts))]
-        if not any(b.size for b, _ in updates):
+        if not any(b.size for b in updates):
             return CommitReceipt(self.epoch, n, False, ())
         epoch = self.epoch + 1
         layout = self.layout
         bounds = np.arange(layout.num_shards + 1) * layout.rows_per_shard
         per_shard: list[list[GroupBatch]] = [[] for _ in range(layout.num_shards)]
         expected = list(self._expected)
-        for g, (batch, new_inner) in enumerate(updates):
+        for g, batch in enumerate(updates):
             rows = batch.row
-            cut = np.searchsorted(rows, bounds)
+            cut = np.searchsorted(rows, bounds).tolist()
             written = batch.count.astype(np.int64) - batch.start
-            page_cut = np.concatenate([[0], np.cumsum(written)])[cut]
-            old_inner = self._inner[g][rows]
+            page_cut = np.concatenate([[0], np.cumsum(written)])[cut].tolist()
             for s in range(layout.num_shards):
                 i, j = cut[s], cut[s + 1]
+                pages = batch.pages[page_cut[s] : page_cut[s + 1]]
                 per_shard[s].append(
                     GroupBatch(
                         batch.op[i:j],
                         (rows[i:j] - bounds[s]).astype(np.int32),
                         batch.start[i:j],
                         batch.count[i:j],
-                        batch.pages[page_cut[s] : page_cut[s + 1]],
+                        pages,
                     )
                 )
                 if j > i:
-                    delta = checksum.total_delta(g, rows[i:j], old_inner[i:j], new_inner[i:j])
-                    expected[s] = checksum.add(expected[s], delta)
+                    delta = kernels.preview_delta(
+                        self._inner[g],
+                        rows[i:j],
+                        batch.start[i:j],
+                        batch.count[i:j],
+                        pages,
+                        self._col_w[g],
+                        self._mix[g],
+                        0,
+                        checksum.C_COUNT,
+                    )
+                    expected[s] = checksum.add(expected[s], int(delta))
         if backend.in_process:
             # In-process shards read the published tables: write them, then the devices.
             sizes = [sum(_payload(b) for b in groups) for groups in per_shard]
             self._publish_host(updates)
-            backend.publish([batch.row for batch, _ in updates])
+            backend.publish([batch.row for batch in updates])
         else:
             messages = [
                 encode(ShardBatch(epoch, self.epoch, s, tuple(groups)))
@@ -399,10 +428,26 @@ class ShardedPageTable(MultiGroupRowOps):
             ),
         )
 
-    def _publish_host(self, updates) -> None:
-        for g, (batch, new_inner) in enumerate(updates):
-            self._inner[g][batch.row] = new_inner
-            apply_group(self._published[g], self._published_counts[g], batch)
+    def _publish_host(self, updates: list[GroupBatch]) -> None:
+        """Apply a settled epoch to the published tables and their checksum terms."""
+        for g, batch in enumerate(updates):
+            written = int(np.maximum(batch.count, self._published_counts[g][batch.row]).sum())
+            cells = np.empty(written - int(batch.start.sum()), np.int64)
+            kernels.apply_batch(
+                self._published[g],
+                self._published_counts[g],
+                self._inner[g],
+                batch.row,
+                batch.start,
+                batch.count,
+                batch.pages,
+                self._col_w[g],
+                self._mix[g],
+                0,
+                checksum.C_COUNT,
+                cells,  # the changed cells are not needed here: one scratch array
+                cells,
+            )
             self._hosts[g].mark_published(batch.row)
 
     def _settle(self, results: list[Ack | BaseException], expected: list[int], epoch: int) -> None:

@@ -39,10 +39,11 @@ def _scatter_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _scatter_cells_groups(bufs: tuple, r: tuple, c: tuple, v: tuple) -> tuple:
+def _scatter_cells_groups(bufs: tuple, rcv: jax.Array) -> tuple:
     # One dispatch updating a cell batch in every KV-cache group held on one device.
+    # rcv: i32[G, 3, K] = (row, column, value) per group; row == block rows is padding.
     return tuple(
-        buf.at[ri, ci].set(vi, mode="drop") for buf, ri, ci, vi in zip(bufs, r, c, v, strict=True)
+        buf.at[rcv[g, 0], rcv[g, 1]].set(rcv[g, 2], mode="drop") for g, buf in enumerate(bufs)
     )
 
 
@@ -262,24 +263,19 @@ def update_groups(
                         rows[i:j], source, whole_below, (cells[0][ci:cj], cells[1][ci:cj])
                     )
             continue
-        rs, cs, vs = [], [], []
+        rcv = np.zeros((len(groups), 3, CELL_BUCKET), dtype=np.int32)
+        rcv[:, 0] = first.block_rows  # padding rows are dropped
         for g, u in enumerate(updates):
-            r = np.full(CELL_BUCKET, first.block_rows, dtype=np.int32)
-            c = np.zeros(CELL_BUCKET, dtype=np.int32)
-            v = np.zeros(CELL_BUCKET, dtype=np.int32)
             if spans[g] is not None and spans[g][1] > spans[g][0]:
                 ci, cj = spans[g]
                 dev = groups[g]
                 local = u[3][0][ci:cj] - dev.lo
-                r[: cj - ci] = local - (start - dev.lo)
-                c[: cj - ci] = u[3][1][ci:cj]
-                v[: cj - ci] = u[1][local, u[3][1][ci:cj]]
-            rs.append(r)
-            cs.append(c)
-            vs.append(v)
+                rcv[g, 0, : cj - ci] = local - (start - dev.lo)
+                rcv[g, 1, : cj - ci] = u[3][1][ci:cj]
+                rcv[g, 2, : cj - ci] = u[1][local, u[3][1][ci:cj]]
         for device in first._replicas[start]:
             bufs = tuple(dev._buffers[device] for dev in groups)
-            new = _scatter_cells_groups(bufs, tuple(rs), tuple(cs), tuple(vs))
+            new = _scatter_cells_groups(bufs, rcv)
             for dev, buf in zip(groups, new, strict=True):
                 dev._buffers[device] = buf
 
@@ -287,12 +283,11 @@ def update_groups(
 def warmup_groups(groups: Sequence[DeviceRows]) -> None:
     """Compile the fused cell update of :func:`update_groups` on every device."""
     first = groups[0]
-    r = np.full(CELL_BUCKET, first.block_rows, dtype=np.int32)
-    z = np.zeros(CELL_BUCKET, dtype=np.int32)
-    n = len(groups)
+    rcv = np.zeros((len(groups), 3, CELL_BUCKET), dtype=np.int32)
+    rcv[:, 0] = first.block_rows
     for device in first._blocks:
         bufs = tuple(dev._buffers[device] for dev in groups)
-        new = _scatter_cells_groups(bufs, (r,) * n, (z,) * n, (z,) * n)
+        new = _scatter_cells_groups(bufs, rcv)
         for dev, buf in zip(groups, new, strict=True):
             dev._buffers[device] = buf
 

@@ -113,3 +113,23 @@ def apply_batch(
         inner[r] = acc
         delta += mix[mix_offset + r] * (acc - old)
     return delta, n
+
+
+@nb.njit(cache=True, nogil=True)
+def preview_delta(
+    inner, row, start, count, pages, col_w, mix, mix_offset, c_count
+):  # pragma: no cover - jitted
+    """Checksum change :func:`apply_batch` would make, without changing anything."""
+    delta = np.uint64(0)
+    p = 0
+    for i in range(row.size):
+        r = row[i]
+        s, c = start[i], count[i]
+        old = inner[r]
+        acc = np.uint64(0) if s == 0 else old
+        for col in range(s, c):
+            acc += np.uint64(pages[p]) * col_w[col]
+            p += 1
+        acc += np.uint64(c - s) * c_count
+        delta += mix[mix_offset + r] * (acc - old)
+    return delta
