@@ -1,12 +1,12 @@
-"""Compiled (numba) kernels for a shard's hot path: checking and applying one group's batch.
+"""Compiled (numba) kernels for the commit hot path: checking and applying a group's batch.
 
-A shard applies a batch on every commit. Written with numpy, that is about a hundred small
-array calls per group, each cheap alone but together the largest cost of a shard process
-on a small machine. These kernels do the same work in one pass each and must stay
-equivalent to the numpy reference functions they replace (``wire._decode_group``'s value
-checks, ``shard.check_group``, ``checksum.updated_inner`` / ``total_delta`` and
-``shard.apply_group``); the coordinator keeps using those, so any divergence shows up as a
-checksum mismatch in every test that commits.
+A shard applies a batch on every commit, and the coordinator previews each shard's checksum
+change and applies the settled epoch to its published tables. Written with numpy, each is
+about a hundred small array calls per group: cheap alone, together the largest cost of a
+commit on a small machine. These kernels do the same work in one pass each. They implement
+the formulas of :mod:`sharded_pagetable.checksum` and the semantics of ``shard.apply_group``
+(both kept as the numpy reference: recovery and attach recompute checksums with them and
+compare with what the shards report, and the tests compare both with from-scratch models).
 """
 
 from __future__ import annotations
