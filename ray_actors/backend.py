@@ -214,14 +214,21 @@ class RayBackend:
                 raise ShardFailedError(i, -1, f"{what} failed: {type(res).__name__}: {res}")
         return results
 
-    def apply(self, messages: Sequence[bytes]) -> list[Ack | BaseException]:
-        """Deliver one message per shard: through the compiled graph when there is one (one
-        shared-memory round trip), else with ordinary actor calls. Any trouble on the fast
-        path tears it down and re-sends over ordinary calls, which tells the shards apart;
-        a shard that already applied the epoch acknowledges the re-send without re-applying.
+    def apply(
+        self, messages: Sequence[bytes], meanwhile: Callable[[], None] | None = None
+    ) -> list[Ack | BaseException]:
+        """Deliver one message per shard and collect every shard's ack (or failure).
+
+        Over the socket channel (default) ``meanwhile`` runs after every frame is sent and
+        before any ack is read, so driver work overlaps the shards'. Otherwise messages go
+        through the compiled graph when there is one, else ordinary actor calls; any trouble
+        on the graph tears it down and re-sends over actor calls, which tells the shards
+        apart (a shard that already applied the epoch acknowledges the re-send only).
         """
         if self._clients:
-            return self._apply_over_channel(messages)
+            return self._apply_over_channel(messages, meanwhile)
+        if meanwhile is not None:
+            meanwhile()
         graph = self._graph()
         if graph is not None:
             try:
@@ -233,7 +240,9 @@ class RayBackend:
         refs = [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
         return self._results(refs, self.options.timeout_s)
 
-    def _apply_over_channel(self, messages: Sequence[bytes]) -> list[Ack | BaseException]:
+    def _apply_over_channel(
+        self, messages: Sequence[bytes], meanwhile: Callable[[], None] | None
+    ) -> list[Ack | BaseException]:
         """Write every shard's frame, then read every ack: one round trip, all in flight."""
         deadline = time.monotonic() + self.options.timeout_s
         results: list[Ack | BaseException | None] = [None] * len(messages)
@@ -247,6 +256,8 @@ class RayBackend:
                 results[i] = exc
         if self.after_send is not None:
             self.after_send()
+        if meanwhile is not None:
+            meanwhile()
         for i, client in enumerate(self._clients):
             if results[i] is not None:
                 continue

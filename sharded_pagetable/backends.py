@@ -24,7 +24,9 @@ class Backend(Protocol):
     num_shards: int
     in_process = False
 
-    def apply(self, messages: Sequence[bytes]) -> list[Ack | BaseException]: ...
+    def apply(
+        self, messages: Sequence[bytes], meanwhile: Callable[[], None] | None = None
+    ) -> list[Ack | BaseException]: ...
 
     def rollback(self, shards: Sequence[int], epoch: int) -> list[Ack | BaseException]: ...
 

@@ -373,6 +373,7 @@ class ShardedPageTable(MultiGroupRowOps):
         bounds = np.arange(layout.num_shards + 1) * layout.rows_per_shard
         per_shard: list[list[GroupBatch]] = [[] for _ in range(layout.num_shards)]
         expected = list(self._expected)
+        previews: list[tuple[int, ...]] = []  # shard, group, row and page slice bounds
         for g, batch in enumerate(updates):
             rows = batch.row
             cut = np.searchsorted(rows, bounds).tolist()
@@ -380,31 +381,39 @@ class ShardedPageTable(MultiGroupRowOps):
             page_cut = np.concatenate([[0], np.cumsum(written)])[cut].tolist()
             for s in range(layout.num_shards):
                 i, j = cut[s], cut[s + 1]
-                pages = batch.pages[page_cut[s] : page_cut[s + 1]]
                 per_shard[s].append(
                     GroupBatch(
                         batch.op[i:j],
                         (rows[i:j] - bounds[s]).astype(np.int32),
                         batch.start[i:j],
                         batch.count[i:j],
-                        pages,
+                        batch.pages[page_cut[s] : page_cut[s + 1]],
                     )
                 )
                 if j > i:
-                    delta = kernels.preview_delta(
-                        self._inner[g],
-                        rows[i:j],
-                        batch.start[i:j],
-                        batch.count[i:j],
-                        pages,
-                        self._col_w[g],
-                        self._mix[g],
-                        0,
-                        checksum.C_COUNT,
-                    )
-                    expected[s] = checksum.add(expected[s], int(delta))
+                    previews.append((s, g, i, j, page_cut[s], page_cut[s + 1]))
+
+        def expect() -> None:
+            """Each shard's checksum after this epoch (no state changes; runs while the
+            shards apply their batches)."""
+            for s, g, i, j, p0, p1 in previews:
+                batch = updates[g]
+                delta = kernels.preview_delta(
+                    self._inner[g],
+                    batch.row[i:j],
+                    batch.start[i:j],
+                    batch.count[i:j],
+                    batch.pages[p0:p1],
+                    self._col_w[g],
+                    self._mix[g],
+                    0,
+                    checksum.C_COUNT,
+                )
+                expected[s] = checksum.add(expected[s], int(delta))
+
         if backend.in_process:
             # In-process shards read the published tables: write them, then the devices.
+            expect()
             sizes = [sum(_payload(b) for b in groups) for groups in per_shard]
             self._publish_host(updates)
             backend.publish([batch.row for batch in updates])
@@ -414,7 +423,7 @@ class ShardedPageTable(MultiGroupRowOps):
                 for s, groups in enumerate(per_shard)
             ]
             sizes = [len(m) for m in messages]
-            self._settle(backend.apply(messages), expected, epoch)
+            self._settle(backend.apply(messages, meanwhile=expect), expected, epoch)
             self._publish_host(updates)
         self._expected = expected
         self.epoch = epoch
