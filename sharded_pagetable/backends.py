@@ -90,12 +90,13 @@ class LocalBackend:
             for rows in map(self.layout.shard_rows, range(self.num_shards))
         ]
 
-    def publish(self, group_rows: Sequence[np.ndarray]) -> None:
-        """Upload the given sorted global rows of each group from the published tables."""
+    def publish(self, group_cells: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Upload the given cells (global rows non-decreasing, columns) of each group from
+        the published tables."""
         self._arrays.clear()
         rps = self.layout.rows_per_shard
         bounds = np.arange(1, self.num_shards) * rps
-        for g, rows in enumerate(group_rows):
+        for g, (rows, cols) in enumerate(group_cells):
             if rows.size == 0:
                 continue
             table = self._published[g]
@@ -103,7 +104,9 @@ class LocalBackend:
             for s, (i, j) in enumerate(zip([0, *cuts], [*cuts, rows.size], strict=True)):
                 if j > i:
                     lo = s * rps
-                    self.devices[s][g].update(rows[i:j], table[lo : lo + rps], lo + rps)
+                    self.devices[s][g].update_cells(
+                        rows[i:j], cols[i:j], table[lo : lo + rps], lo + rps
+                    )
 
     def group_array(self, group: int) -> jax.Array:
         if group not in self._arrays:

@@ -415,16 +415,44 @@ class ShardedPageTable(MultiGroupRowOps):
             # In-process shards read the published tables: write them, then the devices.
             expect()
             sizes = [sum(_payload(b) for b in groups) for groups in per_shard]
-            self._publish_host(updates)
-            backend.publish([batch.row for batch in updates])
+            cells = [self._apply_published(g, batch) for g, batch in enumerate(updates)]
+            for batch, host in zip(updates, self._hosts, strict=True):
+                host.mark_published(batch.row)
+            backend.publish(cells)
         else:
             messages = [
                 encode(ShardBatch(epoch, self.epoch, s, tuple(groups)))
                 for s, groups in enumerate(per_shard)
             ]
             sizes = [len(m) for m in messages]
-            self._settle(backend.apply(messages, meanwhile=expect), expected, epoch)
-            self._publish_host(updates)
+            undo: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+            def meanwhile() -> None:
+                # While the shards work: the expected checksums, and the published tables
+                # written ahead (with their undo) so a settled commit only marks rows clean.
+                expect()
+                for g, batch in enumerate(updates):
+                    rows = batch.row
+                    undo.append(
+                        (
+                            rows,
+                            self._published[g][rows],
+                            self._published_counts[g][rows],
+                            self._inner[g][rows],
+                        )
+                    )
+                    self._apply_published(g, batch)
+
+            try:
+                self._settle(backend.apply(messages, meanwhile=meanwhile), expected, epoch)
+            except BaseException:
+                for g, (rows, table, counts, inner) in enumerate(undo):
+                    self._published[g][rows] = table
+                    self._published_counts[g][rows] = counts
+                    self._inner[g][rows] = inner
+                raise
+            for batch, host in zip(updates, self._hosts, strict=True):
+                host.mark_published(batch.row)
         self._expected = expected
         self.epoch = epoch
         return CommitReceipt(
@@ -438,26 +466,33 @@ class ShardedPageTable(MultiGroupRowOps):
         )
 
     def _publish_host(self, updates: list[GroupBatch]) -> None:
-        """Apply a settled epoch to the published tables and their checksum terms."""
+        """Apply a settled epoch to the published tables and mark its rows clean."""
         for g, batch in enumerate(updates):
-            written = int(np.maximum(batch.count, self._published_counts[g][batch.row]).sum())
-            cells = np.empty(written - int(batch.start.sum()), np.int64)
-            kernels.apply_batch(
-                self._published[g],
-                self._published_counts[g],
-                self._inner[g],
-                batch.row,
-                batch.start,
-                batch.count,
-                batch.pages,
-                self._col_w[g],
-                self._mix[g],
-                0,
-                checksum.C_COUNT,
-                cells,  # the changed cells are not needed here: one scratch array
-                cells,
-            )
+            self._apply_published(g, batch)
             self._hosts[g].mark_published(batch.row)
+
+    def _apply_published(self, g: int, batch: GroupBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Write one group's batch into the published table and its checksum terms; returns
+        the changed cells (global rows, columns)."""
+        written = int(np.maximum(batch.count, self._published_counts[g][batch.row]).sum())
+        cells_r = np.empty(written - int(batch.start.sum()), np.int64)
+        cells_c = np.empty_like(cells_r)
+        _, n = kernels.apply_batch(
+            self._published[g],
+            self._published_counts[g],
+            self._inner[g],
+            batch.row,
+            batch.start,
+            batch.count,
+            batch.pages,
+            self._col_w[g],
+            self._mix[g],
+            0,
+            checksum.C_COUNT,
+            cells_r,
+            cells_c,
+        )
+        return cells_r[:n], cells_c[:n]
 
     def _settle(self, results: list[Ack | BaseException], expected: list[int], epoch: int) -> None:
         """Raise (after rolling back every shard that applied) unless every shard acked."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from .checksum import segment_index
 from .constants import cdiv
 from .device import DeviceRows, assemble
 from .host import HostRows, PageIds
@@ -64,6 +65,7 @@ class PageTable:
         self._sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self._device = DeviceRows(self._shape, self._sharding, self._host.table, warmup=warmup)
         self._array: jax.Array | None = None  # the assembled global array, until a commit
+        self._published_counts = np.zeros(max_num_reqs, dtype=np.int32)  # i32[R] on device
 
     # The seed exposes these as attributes; they are the live host arrays.
     @property
@@ -108,10 +110,19 @@ class PageTable:
         go out with a later commit that covers them.
         """
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
-        rows = self._host.pending(n)
+        host = self._host
+        rows = host.pending(n)
         if rows.size:
-            self._device.update(rows, self._host.table, whole_below=n)
-            self._host.mark_published(rows)
+            # Cells that may differ from the device: past the published count for pure
+            # appends, the old-or-new extent for rewritten rows (the host tail is padding,
+            # so this also clears what a shorter row left behind).
+            published = self._published_counts[rows]
+            counts = host.counts[rows]
+            starts = np.where(host.rewritten(rows), 0, published)
+            r, c = segment_index(rows, starts, np.maximum(counts, published))
+            self._device.update_cells(r, c, host.table, whole_below=n)
+            self._published_counts[rows] = counts
+            host.mark_published(rows)
             self._array = None
         return int(rows.size)
 
@@ -119,6 +130,7 @@ class PageTable:
         """Empty every row on the host and on the device."""
         self._host.reset()
         self._device.reset(self._host.table)
+        self._published_counts.fill(0)
         self._array = None
 
     def get_device_tensor(self) -> jax.Array:
