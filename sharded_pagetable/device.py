@@ -1,11 +1,12 @@
-"""Device side of a row-sharded table: per-device buffers updated in place from dirty rows.
+"""Device side of a row-sharded table: per-device buffers updated in place.
 
 A table of shape ``[R, P]`` laid out with ``NamedSharding(mesh, P(row_axis, None))`` lives as
 one buffer per device, each holding a contiguous block of rows (devices along other mesh axes
 hold replicas of the same block). :class:`DeviceRows` owns the buffers of the blocks inside a
-row range on this process's devices and updates them with a donated, jitted scatter whose index
-batch is padded to a few bucket sizes, so a commit costs one small dispatch per touched device
-and never a copy of the whole table.
+row range on this process's devices. A commit sends only the changed cells (row, page slot,
+page id) of each touched block through a donated, jitted loop of in-place updates, padded to
+a few bucket sizes compiled at start-up; a block that mostly changed is uploaded whole. A
+decode step that adds one page to a row moves 12 bytes for it, and never a copy of the table.
 """
 
 from __future__ import annotations
