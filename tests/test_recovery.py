@@ -65,6 +65,14 @@ def model() -> ReferenceModel:
     return ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
 
 
+def append_page_message(epoch: int, held: int, page: int) -> bytes:
+    """Shard 0's wire message for ``epoch + 1``: append ``page`` to its local row 0 (holding
+    ``held`` pages) in group 0, nothing in group 1."""
+    append = GroupBatch(*(np.array([v], np.int32) for v in (OP_APPEND, 0, held, held + 1, page)))
+    empty = GroupBatch(*(np.empty(0, np.int32) for _ in range(5)))
+    return encode(ShardBatch(epoch + 1, epoch, 0, (append, empty)))
+
+
 def assert_published(table: sp.ShardedPageTable, ref: ReferenceModel) -> None:
     """Mirror and device snapshots equal the model's published tables."""
     for g in range(len(PAGE_SIZES)):
@@ -119,15 +127,7 @@ def test_resent_epoch_is_acknowledged_not_applied_twice(local_ray):
         t.commit(ROWS)
         actor = t._backend.actors[0]
         epoch, checksum = t.shard_status()[0]
-        append = GroupBatch(
-            np.array([OP_APPEND], np.int32),
-            np.array([0], np.int32),
-            np.array([2], np.int32),
-            np.array([3], np.int32),
-            np.array([9], np.int32),
-        )
-        empty = GroupBatch(*(np.empty(0, np.int32) for _ in range(5)))
-        message = encode(ShardBatch(epoch + 1, epoch, 0, (append, empty)))
+        message = append_page_message(epoch, held=2, page=9)
         first = ray.get(actor.apply.remote(message), timeout=30)
         again = ray.get(actor.apply.remote(message), timeout=30)
         assert first.applied and not again.applied
@@ -149,15 +149,7 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
         tab.add_row([[9], [10, 11]], 20)
         tab.commit(ROWS)
     epoch = t.epoch
-    append = GroupBatch(
-        np.array([OP_APPEND], np.int32),
-        np.array([0], np.int32),
-        np.array([3], np.int32),
-        np.array([4], np.int32),
-        np.array([99], np.int32),
-    )
-    empty = GroupBatch(*(np.empty(0, np.int32) for _ in range(5)))
-    message = encode(ShardBatch(epoch + 1, epoch, 0, (append, empty)))
+    message = append_page_message(epoch, held=3, page=99)
     assert ray.get(t._backend.actors[0].apply.remote(message), timeout=30).epoch == epoch + 1
     t._backend.detach()  # the old coordinator is gone; its shards keep running
     del t
