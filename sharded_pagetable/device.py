@@ -153,39 +153,22 @@ class DeviceRows:
             block = np.array(host[start - self.lo : stop - self.lo], dtype=np.int32, copy=True)
             self._buffers[device] = jax.device_put(block, device)
 
-    def update(
-        self,
-        rows: np.ndarray,
-        source: np.ndarray,
-        whole_below: int = 0,
-        cells: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> int:
+    def update(self, rows: np.ndarray, source: np.ndarray, whole_below: int = 0) -> int:
         """Publish global ``rows`` (sorted, unique, inside ``[lo, hi)``) from ``source``.
 
         ``source`` is ``i32[hi - lo, P]`` indexed by ``row - lo``. A block lying entirely
         below ``whole_below`` may be uploaded whole from ``source`` when much of it changed
         (a block copy beats a large scatter); pass 0 when rows of ``source`` other than
-        ``rows`` must not be published. ``cells`` (global rows non-decreasing, columns) may
-        name the only cells of ``rows`` that changed: a block with few of them is updated
-        cell by cell. Returns the number of device dispatches.
+        ``rows`` must not be published. Whole rows are sent: commits use
+        :meth:`update_cells`; this path serves rollback. Returns the number of dispatches.
         """
         if rows.size == 0:
             return 0
         # Rows are sorted: split them at block boundaries.
-        bounds = self._starts[1:]
-        cuts = np.searchsorted(rows, bounds).tolist()
-        cell_cuts = None if cells is None else np.searchsorted(cells[0], bounds).tolist()
+        cuts = np.searchsorted(rows, self._starts[1:]).tolist()
         dispatches = 0
-        for b, (start, i, j) in enumerate(
-            zip(self._starts.tolist(), [0, *cuts], [*cuts, rows.size], strict=True)
-        ):
+        for start, i, j in zip(self._starts.tolist(), [0, *cuts], [*cuts, rows.size], strict=True):
             if j == i:
-                continue
-            if cell_cuts is not None:
-                ci = cell_cuts[b - 1] if b else 0
-                cj = cell_cuts[b] if b < len(cell_cuts) else cells[0].size
-                self._put_block_cells(start, cells[0][ci:cj], cells[1][ci:cj], source)
-                dispatches += len(self._replicas[start])
                 continue
             stop = start + self.block_rows
             whole = (j - i) * _WHOLE_BLOCK_FRACTION >= self.block_rows and stop <= whole_below

@@ -59,7 +59,8 @@ class Ack:
 
 def check_group(counts: np.ndarray, batch: GroupBatch, g: int) -> np.ndarray:
     """Refuse a batch whose appends do not start at the rows' held counts; returns the
-    held counts of the batch's rows."""
+    held counts of the batch's rows. (Numpy reference of ``kernels.first_bad_append``, which
+    ``Shard.apply`` uses.)"""
     held = counts[batch.row]
     bad = (held != batch.start) & (batch.op == OP_APPEND)
     if bad.any():
