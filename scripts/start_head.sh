@@ -56,29 +56,14 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-node_ip=${SPT_NODE_IP:-127.0.0.1}
 gcs_port=${SPT_GCS_PORT:-6379}
-node_manager_port=${SPT_NODE_MANAGER_PORT:-6380}
-object_manager_port=${SPT_OBJECT_MANAGER_PORT:-6381}
-runtime_env_agent_port=${SPT_RUNTIME_ENV_AGENT_PORT:-6382}
-dashboard_agent_grpc_port=${SPT_DASHBOARD_AGENT_GRPC_PORT:-6383}
-dashboard_agent_listen_port=${SPT_DASHBOARD_AGENT_LISTEN_PORT:-52365}
-metrics_export_port=${SPT_METRICS_EXPORT_PORT:-6384}
-min_worker_port=${SPT_MIN_WORKER_PORT:-10002}
-max_worker_port=${SPT_MAX_WORKER_PORT:-19999}
 client_port=${SPT_CLIENT_PORT:-10001}
 dashboard_host=${SPT_DASHBOARD_HOST:-127.0.0.1}
 dashboard_port=${SPT_DASHBOARD_PORT:-8265}
 dashboard=${SPT_DASHBOARD:-auto}
-num_cpus=${SPT_NUM_CPUS:-}
-num_gpus=${SPT_NUM_GPUS:-}
-resources=${SPT_RESOURCES:-}
 temp_dir=${SPT_TEMP_DIR:-/tmp/spt-ray/head}
-token_file=${SPT_TOKEN_FILE:-${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}}
-python=${SPT_PYTHON:-}
-extra=()
-
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+# shellcheck source=scripts/node_common.sh
+source "$repo/scripts/node_common.sh"
 die() { echo "start_head.sh: $*" >&2; exit 2; }
 
 while [ "$#" -gt 0 ]; do
@@ -90,47 +75,20 @@ while [ "$#" -gt 0 ]; do
     *) die "unknown argument: $opt (see --help)" ;;
   esac
   case "$opt" in
-    --node-ip-address) node_ip=$val ;;
     --port) gcs_port=$val ;;
-    --node-manager-port) node_manager_port=$val ;;
-    --object-manager-port) object_manager_port=$val ;;
-    --runtime-env-agent-port) runtime_env_agent_port=$val ;;
-    --dashboard-agent-grpc-port) dashboard_agent_grpc_port=$val ;;
-    --dashboard-agent-listen-port) dashboard_agent_listen_port=$val ;;
-    --metrics-export-port) metrics_export_port=$val ;;
-    --min-worker-port) min_worker_port=$val ;;
-    --max-worker-port) max_worker_port=$val ;;
     --ray-client-server-port) client_port=$val ;;
     --dashboard-host) dashboard_host=$val ;;
     --dashboard-port) dashboard_port=$val ;;
     --dashboard) dashboard=1 ;;
     --no-dashboard) dashboard=0 ;;
-    --num-cpus) num_cpus=$val ;;
-    --num-gpus) num_gpus=$val ;;
-    --resources) resources=$val ;;
-    --temp-dir) temp_dir=$val ;;
-    --token-file) token_file=$val ;;
-    --python) python=$val ;;
     -h | --help) usage; exit 0 ;;
     --) extra=("$@"); break ;;
-    *) die "unknown option: $opt (see --help)" ;;
+    *) common_option "$opt" "$val" || die "unknown option: $opt (see --help)" ;;
   esac
 done
 
-if [ -z "$python" ]; then
-  if [ -x "$repo/.venv/bin/python" ]; then python=$repo/.venv/bin/python; else python=python3; fi
-fi
-for p in gcs_port node_manager_port object_manager_port runtime_env_agent_port \
-  dashboard_agent_grpc_port dashboard_agent_listen_port metrics_export_port min_worker_port \
-  max_worker_port dashboard_port; do
-  case "${!p}" in
-    '' | *[!0-9]*) die "${p//_/-} must be a port number, got '${!p}'" ;;
-  esac
-done
-[ "$min_worker_port" -le "$max_worker_port" ] || die "min worker port > max worker port"
+check_common gcs_port dashboard_port
 case "$dashboard" in 0 | 1 | auto) ;; *) die "SPT_DASHBOARD must be 0, 1 or auto" ;; esac
-temp_dir=${temp_dir%/}
-case "$temp_dir" in /*) ;; *) temp_dir=$PWD/$temp_dir ;; esac
 
 # --- token authentication: always on ----------------------------------------------------
 if [ -n "${RAY_AUTH_MODE:-}" ] && [ "$RAY_AUTH_MODE" != token ]; then
