@@ -73,19 +73,26 @@ class ChaosReport:
         )
 
 
+def wait_for_exit(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` (on this machine) is gone; False if it outlived
+    ``timeout_s``. A kill, SIGKILL or ``ray.kill``, is asynchronous."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def _kill(table: sp.ShardedPageTable, rng: np.random.Generator) -> int:
     """SIGKILL one shard process and wait until it is gone; returns its shard index."""
     backend = table._backend
     shard = int(rng.integers(table.num_shards))
     pid = backend.placements[shard]["pid"]
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.005)
+    wait_for_exit(pid, 10)
     return shard
 
 

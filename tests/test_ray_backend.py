@@ -1,9 +1,6 @@
 """ShardedPageTable with backend="ray": real Ray actors, each a JAX process joined with
 jax.distributed, against the single-process table."""
 
-import os
-import time
-
 import numpy as np
 import pytest
 from differential import random_ops, run_differential
@@ -30,16 +27,11 @@ def local_ray():
 
 def kill_and_wait(table, actor, shard: int) -> None:
     """ray.kill is asynchronous: wait until the shard's process is really gone."""
+    from ray_actors.chaos import wait_for_exit
+
     pid = table._backend.placements[shard]["pid"]
     ray.kill(actor)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"shard {shard} (pid {pid}) did not exit")
+    assert wait_for_exit(pid, 20), f"shard {shard} (pid {pid}) did not exit"
 
 
 def make(num_shards: int, **ray_opts) -> sp.ShardedPageTable:
