@@ -12,7 +12,9 @@ import ray
 
 from sharded_pagetable.config import RayOptions
 from sharded_pagetable.errors import ShardFailedError, WireFormatError
-from sharded_pagetable.shard import Ack, ShardSpec
+from sharded_pagetable.shard.messages import Ack, Refusal, ShardBatch
+from sharded_pagetable.shard.shard import ShardSpec
+from sharded_pagetable.shard.wire import WireLimits, decode, decode_reply, encode
 
 from .channel import ChannelClosedError, ShardClient, new_secret
 from .cluster import connect, release, spread_strategies
@@ -34,8 +36,6 @@ class RayBackend:
       row_axis: the mesh axis rows are split along.
       options: Ray options (address, devices per shard, timeout, placement).
     """
-
-    in_process = False
 
     def __init__(
         self,
@@ -64,9 +64,8 @@ class RayBackend:
         self._pg = None
         self._cdag = None  # compiled graph delivering apply messages
         self._clients: list[ShardClient] = []  # commit channels, one per shard
-        # Fault-injection point for chaos tests: called after every shard's frame is sent
-        # and before any ack is read, i.e. while the commit is in flight.
-        self.after_send: Callable[[], None] | None = None
+        self._limits = WireLimits(specs[0].layout.rows_per_shard, specs[0].widths)
+        self._in_flight: list[Any] = []  # what send() started, for collect()
         self._graph_broken = False
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
@@ -214,71 +213,88 @@ class RayBackend:
                 raise ShardFailedError(i, -1, f"{what} failed: {type(res).__name__}: {res}")
         return results
 
-    def apply(
-        self, messages: Sequence[bytes], meanwhile: Callable[[], None] | None = None
-    ) -> list[Ack | BaseException]:
-        """Deliver one message per shard and collect every shard's ack (or failure).
+    def send(self, batches: Sequence[ShardBatch]) -> None:
+        """Start delivering one batch per shard.
 
-        Over the socket channel (default) ``meanwhile`` runs after every frame is sent and
-        before any ack is read, so driver work overlaps the shards'. Otherwise messages go
-        through the compiled graph when there is one, else ordinary actor calls; any trouble
-        on the graph tears it down and re-sends over actor calls, which tells the shards
-        apart (a shard that already applied the epoch acknowledges the re-send only).
+        Over the socket channel (default) every frame is written before any ack is read, so
+        the coordinator's own work overlaps the shards'. Otherwise the messages go through
+        the compiled graph when there is one, else ordinary actor calls.
         """
+        messages = [encode(b) for b in batches]
         if self._clients:
-            return self._apply_over_channel(messages, meanwhile)
-        if meanwhile is not None:
-            meanwhile()
+            self._in_flight = [self._send_frame(i, m) for i, m in enumerate(messages)]
+            return
         graph = self._graph()
         if graph is not None:
             try:
-                refs = graph.execute(*messages)
-                return ray.get(refs, timeout=self.options.timeout_s)
+                self._in_flight = [("graph", graph.execute(*messages), messages)]
+                return
             except Exception as exc:
                 log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
                 self._teardown_graph(broken=True)
-        refs = [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
-        return self._results(refs, self.options.timeout_s)
+        self._in_flight = [
+            ("refs", [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)])
+        ]
 
-    def _apply_over_channel(
-        self, messages: Sequence[bytes], meanwhile: Callable[[], None] | None
-    ) -> list[Ack | BaseException]:
-        """Write every shard's frame, then read every ack: one round trip, all in flight."""
+    def _send_frame(self, i: int, message: bytes) -> BaseException | None:
+        client = self._clients[i]
+        if client.broken:
+            return ChannelClosedError(f"shard {i}'s channel is closed")
+        try:
+            client.send(message)
+        except OSError as exc:
+            return exc
+        return None
+
+    def collect(self) -> list[Ack | BaseException]:
+        """Every shard's answer to the last :meth:`send`. Any trouble on the compiled graph
+        tears it down and re-sends over actor calls, which tells the shards apart (a shard
+        that already applied the epoch acknowledges the re-send only)."""
+        in_flight, self._in_flight = self._in_flight, []
+        if self._clients:
+            return self._collect_channel(in_flight)
+        kind, refs, *messages = in_flight[0]
+        if kind == "graph":
+            try:
+                return [
+                    self._reply(i, r)
+                    for i, r in enumerate(ray.get(refs, timeout=self.options.timeout_s))
+                ]
+            except Exception as exc:
+                log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
+                self._teardown_graph(broken=True)
+                refs = [a.apply.remote(m) for a, m in zip(self.actors, messages[0], strict=True)]
+        return self._replies(refs, range(self.num_shards))
+
+    def _reply(self, shard: int, data: bytes) -> Ack | BaseException:
+        """A shard's wire reply as an ack, or the exception its refusal stands for."""
+        try:
+            reply = decode_reply(data, self.num_shards)
+        except WireFormatError as exc:
+            return ChannelClosedError(f"shard {shard} sent a malformed reply: {exc}")
+        if isinstance(reply, Refusal):
+            return (WireFormatError if reply.wire else RuntimeError)(reply.message)
+        if reply.shard != shard:
+            return ChannelClosedError(f"shard {shard} answered as shard {reply.shard}")
+        return reply
+
+    def _collect_channel(self, sent: list[BaseException | None]) -> list[Ack | BaseException]:
         deadline = time.monotonic() + self.options.timeout_s
-        results: list[Ack | BaseException | None] = [None] * len(messages)
-        for i, (client, message) in enumerate(zip(self._clients, messages, strict=True)):
-            if client.broken:
-                results[i] = ChannelClosedError(f"shard {i}'s channel is closed")
+        results: list[Ack | BaseException] = []
+        for i, (client, failed) in enumerate(zip(self._clients, sent, strict=True)):
+            if failed is not None:
+                results.append(failed)
                 continue
             try:
-                client.send(message)
-            except OSError as exc:
-                results[i] = exc
-        if self.after_send is not None:
-            self.after_send()
-        if meanwhile is not None:
-            meanwhile()
-        for i, client in enumerate(self._clients):
-            if results[i] is not None:
-                continue
-            try:
-                reply = client.recv(deadline)
+                results.append(self._reply(i, client.recv(deadline)))
             except TimeoutError:
-                results[i] = ShardTimeoutError(
-                    f"shard {i} did not answer within {self.options.timeout_s}s"
+                client.close()  # a late ack must not be read as the next epoch's
+                results.append(
+                    ShardTimeoutError(f"shard {i} did not answer within {self.options.timeout_s}s")
                 )
-                continue
             except OSError as exc:
-                results[i] = exc
-                continue
-            if "error" in reply:
-                kind = WireFormatError if reply["error"] == "wire" else RuntimeError
-                results[i] = kind(str(reply.get("message")))
-            else:
-                results[i] = Ack(
-                    i, reply["epoch"], reply["checksum"], reply["rows"], reply["applied"]
-                )
-        return results  # type: ignore[return-value]
+                results.append(exc)
+        return results
 
     def _graph(self):
         """The compiled apply graph, compiled on first use; None when disabled or broken."""
@@ -303,9 +319,16 @@ class RayBackend:
             except Exception as exc:  # an actor of the graph may be dead already
                 log.debug("graph teardown: %s", exc)
 
+    def _replies(self, refs: list, shards: Sequence[int]) -> list[Ack | BaseException]:
+        """Decoded replies of calls made on ``shards`` (in that order)."""
+        results = self._results(refs, self.options.timeout_s)
+        return [
+            r if isinstance(r, BaseException) else self._reply(s, r)
+            for s, r in zip(shards, results, strict=True)
+        ]
+
     def rollback(self, shards: Sequence[int], epoch: int) -> list[Ack | BaseException]:
-        refs = [self.actors[i].rollback.remote(epoch) for i in shards]
-        return self._results(refs, self.options.timeout_s)
+        return self._replies([self.actors[i].rollback.remote(epoch) for i in shards], shards)
 
     def device_snapshot(self, group: int) -> np.ndarray:
         parts = self._gather([a.snapshot.remote(group) for a in self.actors], "snapshot")
@@ -315,14 +338,30 @@ class RayBackend:
         return self._gather([a.run.remote(fn, args) for a in self.actors], "run_on_shards")
 
     def status(self) -> list[Ack]:
-        return self._gather([a.status.remote() for a in self.actors], "status")
+        replies = self._gather([a.status.remote() for a in self.actors], "status")
+        out = [self._reply(i, r) for i, r in enumerate(replies)]
+        for i, r in enumerate(out):
+            if isinstance(r, BaseException):
+                raise ShardFailedError(i, -1, f"status failed: {r}")
+        return out
 
-    def reseed(self, messages: Sequence[bytes | None]) -> list[Ack | BaseException]:
+    def reseed(self, states: Sequence[ShardBatch | None]) -> list[Ack | BaseException]:
+        messages = [None if b is None else encode(b) for b in states]
         refs = [a.reseed.remote(m) for a, m in zip(self.actors, messages, strict=True)]
-        return self._results(refs, self.options.timeout_s)
+        return self._replies(refs, range(self.num_shards))
 
-    def export(self) -> list[bytes | None]:
-        return self._gather([a.export.remote() for a in self.actors], "export")
+    def export(self) -> list[ShardBatch | None]:
+        messages = self._gather([a.export.remote() for a in self.actors], "export")
+        try:
+            return [None if m is None else decode(m, self._limits) for m in messages]
+        except WireFormatError as exc:
+            raise ShardFailedError(-1, -1, f"a shard exported a malformed state: {exc}") from None
+
+    def group_array(self, group: int):
+        raise RuntimeError(
+            "with backend='ray' each group's global array lives in the shard processes; "
+            "use run_on_shards(fn) to compute on it or device_snapshot(g) to read it"
+        )
 
     def pids(self) -> list[int]:
         return self._gather([a.pid.remote() for a in self.actors], "pid")

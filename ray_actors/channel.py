@@ -1,4 +1,4 @@
-"""The commit data plane: one authenticated TCP stream per shard, length-prefixed msgpack.
+"""The commit data plane: one authenticated TCP stream per shard, length-prefixed frames.
 
 Ray starts, places and supervises the shard actors, but an ordinary Ray actor call costs
 about 2-3 ms fanned out to four actors on a 2-core machine, and Ray's compiled graphs keep
@@ -9,7 +9,8 @@ writes one frame per shard and reads one ack frame back, and an idle shard sleep
 
 Safety: the shard listens on its node's address (127.0.0.1 for a local cluster) and
 accepts a connection only after the peer sends the 32-byte secret it was given through
-Ray's authenticated control plane. Frames carry msgpack only and are bounded in size.
+Ray's authenticated control plane. Frames are bounded in size; what they carry is
+:mod:`sharded_pagetable.shard.wire`'s business.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-
-import msgpack
 
 from sharded_pagetable.errors import WireFormatError
 
@@ -63,21 +62,6 @@ def recv_frame(sock: socket.socket, max_bytes: int) -> bytes:
     if size > max_bytes:
         raise WireFormatError(f"frame of {size} bytes exceeds the limit {max_bytes}")
     return _recv_exact(sock, size)
-
-
-def encode_reply(result: object) -> bytes:
-    """An ack (anything with epoch/checksum/rows/applied) or an exception, as msgpack."""
-    if isinstance(result, BaseException):
-        kind = "wire" if isinstance(result, WireFormatError) else "error"
-        return msgpack.packb({"error": kind, "message": f"{type(result).__name__}: {result}"})
-    return msgpack.packb(
-        {
-            "epoch": result.epoch,
-            "checksum": result.checksum,
-            "rows": result.rows,
-            "applied": result.applied,
-        }
-    )
 
 
 class ShardServer:
@@ -145,18 +129,16 @@ class ShardClient:
             self.broken = True
             raise
 
-    def recv(self, deadline: float) -> dict:
-        """The next reply as a dict; raises ``TimeoutError`` at ``deadline`` (monotonic)."""
+    def recv(self, deadline: float) -> bytes:
+        """The next reply frame; raises ``TimeoutError`` at ``deadline`` (monotonic)."""
         try:
             self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-            reply = msgpack.unpackb(recv_frame(self._sock, 1 << 16), raw=False)
-        except OSError:
+            return recv_frame(self._sock, 1 << 16)
+        except (OSError, WireFormatError) as exc:
             self.broken = True
+            if isinstance(exc, WireFormatError):
+                raise ChannelClosedError(f"shard at {self.address}: {exc}") from None
             raise
-        if not isinstance(reply, dict):
-            self.broken = True
-            raise ChannelClosedError(f"malformed reply from shard at {self.address}")
-        return reply
 
     def close(self) -> None:
         self.broken = True

@@ -65,9 +65,9 @@ class ShardActor:
         import jax
         import ray
 
-        from sharded_pagetable.layout import ShardLayout
-        from sharded_pagetable.mesh import build_mesh, check_ownership, row_sharding
-        from sharded_pagetable.shard import Shard
+        from sharded_pagetable.routing.layout import ShardLayout
+        from sharded_pagetable.routing.mesh import build_mesh, check_ownership, row_sharding
+        from sharded_pagetable.shard.shard import Shard
 
         from .channel import ShardServer
 
@@ -107,43 +107,53 @@ class ShardActor:
         return self._where
 
     def _serve_frame(self, request: bytes) -> bytes:
-        from .channel import encode_reply
+        return self.apply(request)
 
-        try:
-            result: Any = self.apply(request)
-        except Exception as exc:  # reported to the driver, which decides what it means
-            result = exc
+    def _reply(self, fn: Callable[..., Any], *args: Any) -> bytes:
+        """``fn(*args)`` on the shard under the lock, answered in the wire format: its ack,
+        or a refusal saying why (the driver decides what a refusal means)."""
+        from sharded_pagetable.errors import WireFormatError
+        from sharded_pagetable.shard.messages import Refusal
+        from sharded_pagetable.shard.wire import encode_reply
+
+        with self._lock:
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                wire = isinstance(exc, WireFormatError)
+                result = Refusal(self.shard_id, wire, f"{type(exc).__name__}: {exc}")
         return encode_reply(result)
 
-    def _locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
-            return fn(*args)
-
-    def apply(self, message: bytes):
-        with self._lock:
-            t0 = time.perf_counter()
-            ack = self._shard.apply(message)
-            self._apply_s.append(time.perf_counter() - t0)
-            return ack
+    def apply(self, message: bytes) -> bytes:
+        t0 = time.perf_counter()
+        reply = self._reply(self._shard.apply, message)
+        self._apply_s.append(time.perf_counter() - t0)
+        return reply
 
     def apply_seconds(self) -> list[float]:
         """Wall time of the recent ``apply`` calls inside this process (for benchmarks)."""
         return list(self._apply_s)
 
-    def rollback(self, epoch: int):
-        return self._locked(self._shard.rollback, epoch)
+    def rollback(self, epoch: int) -> bytes:
+        return self._reply(self._shard.rollback, epoch)
 
-    def reseed(self, message: bytes | None):
-        return self._locked(self._shard.reseed, message)
+    def reseed(self, message: bytes | None) -> bytes:
+        return self._reply(self._shard.reseed, message)
+
+    def status(self) -> bytes:
+        return self._reply(self._shard.status)
 
     def export(self) -> bytes | None:
-        return self._locked(self._shard.export)
+        """This shard's rows as a full-state wire message at its epoch (None at epoch 0)."""
+        from sharded_pagetable.shard.wire import encode
+
+        with self._lock:
+            state = self._shard.export()
+        return None if state is None else encode(state)
 
     def snapshot(self, group: int):
-        return self._locked(self._shard.snapshot, group)
-
-    def status(self):
-        return self._locked(self._shard.status)
+        with self._lock:
+            return self._shard.snapshot(group)
 
     def where(self) -> dict[str, Any]:
         return self._where

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sharded_pagetable import MultiGroupPageTable, PageTable, cdiv  # noqa: E402
-from sharded_pagetable.baseline import (  # noqa: E402
+from sharded_pagetable.testing.baseline import (  # noqa: E402
     SeedStyleMultiGroupPageTable,
     SeedStylePageTable,
 )

@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sharded_pagetable as sp  # noqa: E402
-from sharded_pagetable.baseline import SeedStyleMultiGroupPageTable  # noqa: E402
-from sharded_pagetable.mesh import build_mesh, row_sharding  # noqa: E402
+from sharded_pagetable.routing.mesh import build_mesh, row_sharding  # noqa: E402
+from sharded_pagetable.testing.baseline import SeedStyleMultiGroupPageTable  # noqa: E402
 
 ROWS, MAX_LEN, PAGE_SIZES, BUDGET = 1024, 32768, (16, 64), 8192
 

@@ -17,8 +17,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ray_actors.chaos import ChaosConfig, run_chaos
 from ray_actors.cluster import start_local
+from sharded_pagetable.testing.chaos import ChaosConfig, run_chaos
 
 
 def main() -> int:

@@ -5,11 +5,11 @@ The core imports no Ray; ``backend="ray"`` loads :mod:`ray_actors` on demand.
 
 from .config import RayOptions, TableConfig
 from .constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL, SLOT_MAPPING_PADDING_VAL, cdiv
-from .coordinator import ShardedPageTable
+from .coordinator.coordinator import ShardedPageTable
+from .coordinator.receipt import CommitReceipt, ShardReceipt
 from .errors import ConfigError, PageTableFullError, ShardFailedError, WireFormatError
-from .layout import ShardLayout
-from .page_table import MultiGroupPageTable, PageTable
-from .receipt import CommitReceipt, ShardReceipt
+from .routing.layout import ShardLayout
+from .table.page_table import MultiGroupPageTable, PageTable
 
 __all__ = [
     "MAX_PAGE_ID",

@@ -196,25 +196,9 @@ class TableConfig:
             raise ConfigError(f"config file {path} is empty")
         return cls.from_dict(data, **overrides)
 
-    def build(self):
-        """The ``ShardedPageTable`` this config describes."""
-        from .coordinator import ShardedPageTable
-
-        return ShardedPageTable(
-            self.max_num_reqs,
-            self.max_model_len,
-            self.max_num_batched_tokens,
-            self.page_sizes,
-            num_shards=self.num_shards,
-            backend=self.backend,
-            mesh=self.mesh,
-            row_axis=self.row_axis,
-            num_pages=self.num_pages,
-            warmup=self.warmup,
-            recover=self.recover,
-            max_recoveries=self.max_recoveries,
-            ray=self.ray,
-        )
+    def shape(self) -> tuple[int, int, int, tuple[int, ...]]:
+        """The positional arguments of ``ShardedPageTable`` for this config."""
+        return self.max_num_reqs, self.max_model_len, self.max_num_batched_tokens, self.page_sizes
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``ShardedPageTable`` for this config."""

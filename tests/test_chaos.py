@@ -8,8 +8,8 @@ pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.multiprocess]
 
 
 def test_chaos_soak_survives_kills_with_nothing_lost():
-    from ray_actors.chaos import ChaosConfig, run_chaos
     from ray_actors.cluster import start_local
+    from sharded_pagetable.testing.chaos import ChaosConfig, run_chaos
 
     assert not ray.is_initialized()
     start_local(namespace="chaos_ci")

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from batch_helpers import apply_group
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharded_pagetable import checksum
 from sharded_pagetable.constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL
-from sharded_pagetable.layout import ShardLayout
-from sharded_pagetable.mesh import build_mesh, row_sharding
-from sharded_pagetable.shard import Shard, ShardSpec, apply_group
-from sharded_pagetable.wire import OP_APPEND, OP_CLEAR, OP_SET, GroupBatch, ShardBatch, encode
+from sharded_pagetable.routing.layout import ShardLayout
+from sharded_pagetable.routing.mesh import build_mesh, row_sharding
+from sharded_pagetable.shard import checksum
+from sharded_pagetable.shard.messages import OP_APPEND, OP_CLEAR, OP_SET, GroupBatch, ShardBatch
+from sharded_pagetable.shard.shard import Shard, ShardSpec
+from sharded_pagetable.shard.wire import encode
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
 M64 = 2**64 - 1

@@ -275,7 +275,7 @@ def test_from_dict_build_2d_mesh_context_manager() -> None:
     cfg = TableConfig.from_dict(
         {**BASE, "num_shards": 2, "mesh": {"data": 4, "model": 2}, "warmup": False}
     )
-    with cfg.build() as t:
+    with sp.ShardedPageTable.from_config(cfg) as t:
         assert t.mesh_axes == {"data": 4, "model": 2}
         assert t.layout.num_blocks == 4
         _exercise(t)
@@ -284,4 +284,4 @@ def test_from_dict_build_2d_mesh_context_manager() -> None:
 def test_build_refuses_rows_that_do_not_split() -> None:
     cfg = TableConfig.from_dict({**BASE, "max_num_reqs": 60, "num_shards": 4, "warmup": False})
     with pytest.raises(ValueError, match="such as 64"):
-        cfg.build()
+        sp.ShardedPageTable.from_config(cfg)

@@ -17,8 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharded_pagetable.layout import ShardLayout
-from sharded_pagetable.mesh import build_mesh, check_ownership, ordered_devices, row_sharding
+from sharded_pagetable.routing.layout import ShardLayout
+from sharded_pagetable.routing.mesh import (
+    build_mesh,
+    check_ownership,
+    ordered_devices,
+    row_sharding,
+)
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True)
 

@@ -6,7 +6,8 @@ import pytest
 from differential import random_ops, run_differential
 
 import sharded_pagetable as sp
-from sharded_pagetable.checks import addressable_rows, host_row_digests, row_digests
+from sharded_pagetable.cli.checks import addressable_rows, host_row_digests, row_digests
+from sharded_pagetable.shard.wire import decode_reply
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess]
@@ -27,7 +28,7 @@ def local_ray():
 
 def kill_and_wait(table, actor, shard: int) -> None:
     """ray.kill is asynchronous: wait until the shard's process is really gone."""
-    from ray_actors.chaos import wait_for_exit
+    from sharded_pagetable.testing.chaos import wait_for_exit
 
     pid = table._backend.placements[shard]["pid"]
     ray.kill(actor)
@@ -117,7 +118,7 @@ def test_killed_shard_fails_the_next_commit_and_publishes_nothing(local_ray):
         assert t.epoch == first.epoch
         # The surviving shard applied the batch and stepped back: it still holds the old epoch
         # and the old rows on its devices.
-        assert ray.get(survivor.status.remote(), timeout=20).epoch == first.epoch
+        assert decode_reply(ray.get(survivor.status.remote(), timeout=20), 2).epoch == first.epoch
         np.testing.assert_array_equal(
             ray.get(survivor.snapshot.remote(0), timeout=20), before[: ROWS // 2]
         )

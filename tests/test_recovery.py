@@ -14,8 +14,9 @@ from reference_model import ReferenceModel
 
 import sharded_pagetable as sp
 from sharded_pagetable.config import TableConfig
-from sharded_pagetable.wire import OP_APPEND, GroupBatch, ShardBatch, encode
-from sharded_pagetable.workload import ServingWorkload, WorkloadConfig, apply_ops
+from sharded_pagetable.serving.workload import ServingWorkload, WorkloadConfig, apply_ops
+from sharded_pagetable.shard.messages import OP_APPEND, GroupBatch, ShardBatch
+from sharded_pagetable.shard.wire import decode_reply, encode
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess]
@@ -89,7 +90,7 @@ def assert_same(table: sp.ShardedPageTable, ref: ReferenceModel) -> None:
 
 
 def test_dead_shard_with_manual_recover(local_ray):
-    t = config("manual").build()
+    t = sp.ShardedPageTable.from_config(config("manual"))
     ref = model()
     try:
         wl = workload(3)
@@ -121,15 +122,15 @@ def test_dead_shard_with_manual_recover(local_ray):
 
 
 def test_resent_epoch_is_acknowledged_not_applied_twice(local_ray):
-    t = config("resend").build()
+    t = sp.ShardedPageTable.from_config(config("resend"))
     try:
         t.add_row([[1, 2], [3]], 0)
         t.commit(ROWS)
         actor = t._backend.actors[0]
         epoch, checksum = t.shard_status()[0]
         message = append_page_message(epoch, held=2, page=9)
-        first = ray.get(actor.apply.remote(message), timeout=30)
-        again = ray.get(actor.apply.remote(message), timeout=30)
+        first = decode_reply(ray.get(actor.apply.remote(message), timeout=30), 2)
+        again = decode_reply(ray.get(actor.apply.remote(message), timeout=30), 2)
         assert first.applied and not again.applied
         assert (again.epoch, again.checksum) == (first.epoch, first.checksum)
         assert first.checksum != checksum
@@ -142,7 +143,7 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
     """The old coordinator died after shard 0 applied an epoch that shard 1 never got: the
     new coordinator steps shard 0 back and starts from the last epoch every shard holds."""
     cfg = config("apart", detached=True)
-    t = cfg.build()
+    t = sp.ShardedPageTable.from_config(cfg)
     ref = model()
     for tab in (t, ref):
         tab.add_row([[5, 6, 7], [8]], 0)
@@ -150,7 +151,10 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
         tab.commit(ROWS)
     epoch = t.epoch
     message = append_page_message(epoch, held=3, page=99)
-    assert ray.get(t._backend.actors[0].apply.remote(message), timeout=30).epoch == epoch + 1
+    assert (
+        decode_reply(ray.get(t._backend.actors[0].apply.remote(message), timeout=30), 2).epoch
+        == epoch + 1
+    )
     t._backend.detach()  # the old coordinator is gone; its shards keep running
     del t
     attached = sp.ShardedPageTable.attach(cfg)
@@ -170,11 +174,12 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
 COORDINATOR = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
+import sharded_pagetable as sp
 from sharded_pagetable.config import TableConfig
-from sharded_pagetable.workload import apply_ops
+from sharded_pagetable.serving.workload import apply_ops
 from test_recovery import workload
 cfg = TableConfig.from_dict(json.loads(sys.argv[1]))
-t = cfg.build()
+t = sp.ShardedPageTable.from_config(cfg)
 wl = workload(int(sys.argv[2]))
 for _ in range(int(sys.argv[3])):
     step = wl.step()

@@ -6,7 +6,7 @@ import pytest
 from differential import random_ops, run_differential
 
 import sharded_pagetable as sp
-from sharded_pagetable.checks import addressable_rows, host_row_digests, row_digests
+from sharded_pagetable.cli.checks import addressable_rows, host_row_digests, row_digests
 
 ROWS, MAX_LEN, PAGE_SIZES = 64, 512, (16, 64)
 WIDTHS = tuple(sp.cdiv(MAX_LEN, s) for s in PAGE_SIZES)

@@ -20,27 +20,18 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 import pytest
+from batch_helpers import apply_group, check_group, empty_group
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from sharded_pagetable import checksum
 from sharded_pagetable.constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL
 from sharded_pagetable.errors import WireFormatError
-from sharded_pagetable.layout import ShardLayout
-from sharded_pagetable.mesh import build_mesh, row_sharding
-from sharded_pagetable.shard import Shard, ShardSpec, apply_group, check_group
-from sharded_pagetable.wire import (
-    OP_APPEND,
-    OP_CLEAR,
-    OP_SET,
-    VERSION,
-    GroupBatch,
-    ShardBatch,
-    WireLimits,
-    decode,
-    empty_group,
-    encode,
-)
+from sharded_pagetable.routing.layout import ShardLayout
+from sharded_pagetable.routing.mesh import build_mesh, row_sharding
+from sharded_pagetable.shard import checksum
+from sharded_pagetable.shard.messages import OP_APPEND, OP_CLEAR, OP_SET, GroupBatch, ShardBatch
+from sharded_pagetable.shard.shard import Shard, ShardSpec
+from sharded_pagetable.shard.wire import VERSION, WireLimits, decode, encode
 
 SETTINGS = settings(
     max_examples=200,

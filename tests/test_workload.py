@@ -8,7 +8,7 @@ import pytest
 from reference_model import ReferenceModel
 
 import sharded_pagetable as sp
-from sharded_pagetable.workload import ServingWorkload, WorkloadConfig, apply_ops
+from sharded_pagetable.serving.workload import ServingWorkload, WorkloadConfig, apply_ops
 
 ROWS, MAX_LEN, PAGE_SIZES, BUDGET = 64, 1024, (16, 64), 256
 SHARDS = 4

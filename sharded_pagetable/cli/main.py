@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ray-local.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ray-local.yaml"
 
 
 def _prepare_jax(config) -> None:
@@ -32,8 +32,8 @@ class _BadConfig(Exception):
 
 
 def _load(path: str, overrides: dict):
-    from .config import TableConfig
-    from .errors import ConfigError
+    from ..config import TableConfig
+    from ..errors import ConfigError
 
     try:
         config = TableConfig.from_yaml(path, **overrides)
@@ -47,7 +47,7 @@ def _load(path: str, overrides: dict):
 
 def cmd_info(args: argparse.Namespace) -> int:
     config = _load(args.config, {})
-    from .layout import ShardLayout
+    from ..routing.layout import ShardLayout
 
     axes = dict(config.mesh) if config.mesh else None
     if config.backend == "ray":
@@ -127,12 +127,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .workload import ServingWorkload, WorkloadConfig, apply_ops
+    from ..serving.workload import ServingWorkload, WorkloadConfig, apply_ops
 
     print(f"starting {config.backend} backend: {config.num_shards} shards from {args.config}")
     t0 = time.perf_counter()
     try:
-        table = config.build()
+        from ..coordinator.coordinator import ShardedPageTable
+
+        table = ShardedPageTable.from_config(config)
     except Exception as exc:
         if config.backend == "ray":
             print(

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .constants import cdiv
+from ..constants import cdiv
 
 
 @dataclass(frozen=True)

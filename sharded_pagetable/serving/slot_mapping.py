@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .constants import SLOT_MAPPING_PADDING_VAL
+from ..constants import SLOT_MAPPING_PADDING_VAL
 
 
 def _int_array(values: object, what: str) -> np.ndarray:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .constants import cdiv
+from ..constants import cdiv
 
 
 class SeedStylePageTable:

@@ -112,7 +112,11 @@ class ShardLayout:
             raise IndexError(f"block {block} is out of range: valid 0..{self.num_blocks - 1}")
         return block // self.blocks_per_shard
 
+    @property
+    def bounds(self) -> np.ndarray:
+        """``i64[num_shards + 1]``: the first global row of each shard, then ``max_num_reqs``."""
+        return np.arange(self.num_shards + 1, dtype=np.int64) * self.rows_per_shard
+
     def split_sorted(self, rows: np.ndarray) -> list[np.ndarray]:
         """Split sorted global ``rows`` into one array per shard (views, in shard order)."""
-        bounds = np.arange(1, self.num_shards) * self.rows_per_shard
-        return np.split(rows, np.searchsorted(rows, bounds))
+        return np.split(rows, np.searchsorted(rows, self.bounds[1:-1]))

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 class ShardReceipt:
     shard: int
     rows: int  # row updates sent to this shard, over all groups
-    bytes: int  # size of the wire message
-    checksum: int  # u64 checksum of the shard's published rows, confirmed by the shard
+    bytes: int  # int32 payload of the shard's batch (its columns), the same on every backend
+    checksum: int  # u64 checksum of the shard's rows at this epoch, as the shard reported it
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .constants import MAX_PAGE_ID
-from .errors import PageTableFullError
+from ..constants import MAX_PAGE_ID
+from ..errors import PageTableFullError
 
 _EMPTY = np.empty(0, dtype=np.int32)
 

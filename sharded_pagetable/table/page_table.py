@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from .checksum import segment_index
-from .constants import cdiv
-from .device import DeviceRows, assemble
+from ..constants import cdiv
+from ..shard.device import DeviceRows, assemble
 from .host import HostRows, PageIds
 from .row_ops import MultiGroupRowOps
 from .validation import check_count
@@ -65,7 +64,6 @@ class PageTable:
         self._sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self._device = DeviceRows(self._shape, self._sharding, self._host.table, warmup=warmup)
         self._array: jax.Array | None = None  # the assembled global array, until a commit
-        self._published_counts = np.zeros(max_num_reqs, dtype=np.int32)  # i32[R] on device
 
     # The seed exposes these as attributes; they are the live host arrays.
     @property
@@ -111,26 +109,18 @@ class PageTable:
         """
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         host = self._host
-        rows = host.pending(n)
-        if rows.size:
-            # Cells that may differ from the device: past the published count for pure
-            # appends, the old-or-new extent for rewritten rows (the host tail is padding,
-            # so this also clears what a shorter row left behind).
-            published = self._published_counts[rows]
-            counts = host.counts[rows]
-            starts = np.where(host.rewritten(rows), 0, published)
-            r, c = segment_index(rows, starts, np.maximum(counts, published))
+        batch = host.batch(n)
+        if batch.size:
+            r, c = host.changed_cells(batch)
             self._device.update_cells(r, c, host.table, whole_below=n)
-            self._published_counts[rows] = counts
-            host.mark_published(rows)
+            host.settle(batch)
             self._array = None
-        return int(rows.size)
+        return batch.size
 
     def clear(self) -> None:
         """Empty every row on the host and on the device."""
-        self._host.reset()
+        self._host.reset_published()
         self._device.reset(self._host.table)
-        self._published_counts.fill(0)
         self._array = None
 
     def get_device_tensor(self) -> jax.Array:

@@ -10,6 +10,7 @@ run on this machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import sharded_pagetable as sp
-from sharded_pagetable.workload import ServingWorkload, WorkloadConfig, apply_ops
+from sharded_pagetable.serving.workload import ServingWorkload, WorkloadConfig, apply_ops
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,25 @@ def _kill(table: sp.ShardedPageTable, rng: np.random.Generator) -> int:
     return shard
 
 
+@contextlib.contextmanager
+def kill_after_send(table: sp.ShardedPageTable, rng: np.random.Generator):
+    """Within the block, the first commit kills a shard once every shard's batch is on its
+    way and before any answer is read (it wraps the backend's ``send`` of this table)."""
+    backend = table._backend
+    send = backend.send
+
+    def send_then_kill(batches):
+        send(batches)
+        del backend.send  # back to the class's method: one kill only
+        _kill(table, rng)
+
+    backend.send = send_then_kill
+    try:
+        yield
+    finally:
+        backend.__dict__.pop("send", None)
+
+
 def run_chaos(config: ChaosConfig, progress=None) -> ChaosReport:
     """Run the soak on a local Ray (started by the caller or here) and report."""
     rng = np.random.default_rng(config.seed)
@@ -141,19 +161,14 @@ def run_chaos(config: ChaosConfig, progress=None) -> ChaosReport:
             if step in between:
                 _kill(table, rng)
                 report.kills += 1
-            if step in in_commit:
-                killed: list[int] = []
-
-                def kill_in_flight(killed=killed) -> None:
-                    table._backend.after_send = None
-                    killed.append(_kill(table, rng))
-
-                table._backend.after_send = kill_in_flight
             before = len(table.recoveries)
-            table.commit(st.num_reqs)
+            if step in in_commit:
+                with kill_after_send(table, rng):
+                    table.commit(st.num_reqs)
+            else:
+                table.commit(st.num_reqs)
             replay.commit(st.num_reqs)
             if step in in_commit:
-                table._backend.after_send = None
                 report.kills += 1
                 report.kills_in_commit += 1
             report.recovery_s += table.recoveries[before:]

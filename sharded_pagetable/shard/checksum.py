@@ -7,12 +7,13 @@ For group ``g`` and global row ``r`` holding ``count`` pages ``p``::
 
 ``inner`` is linear in the pages, so an append adds only the new columns' terms and a
 commit costs time proportional to the pages it sends, never to the table size. The shard
-and the coordinator run the same function on the same batch and compare results.
+and the coordinator run the same function on the same batch and compare results (the compiled versions are in :mod:`.kernels`).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -145,3 +146,26 @@ def total_delta(
 
 def add(a: int, b: int) -> int:
     return (a + b) & 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True, eq=False)
+class GroupConsts:
+    """The checksum constants of one KV-cache group as one side of the wire numbers its rows.
+
+    ``mix[offset + r]`` is the multiplier of local row ``r`` (global row ``offset + r``), and
+    ``col_w[c]`` the weight of page slot ``c``. Built once per group and handed to every
+    kernel call instead of loose arrays.
+    """
+
+    group: int
+    col_w: np.ndarray  # u64[P]
+    mix: np.ndarray  # u64[>= offset + rows]
+    offset: int
+
+    @classmethod
+    def build(cls, group: int, width: int, num_rows: int, offset: int = 0) -> GroupConsts:
+        """Constants of ``group`` (``width`` pages per row) for a table of ``num_rows`` global
+        rows, seen from a side whose row 0 is global row ``offset``."""
+        return cls(
+            group, col_weights(np.arange(width)), row_mix_table(group, table_size(num_rows)), offset
+        )

@@ -1,0 +1,62 @@
+"""What the coordinator needs from wherever its shards live.
+
+Two implementations: :class:`~.local.LocalBackend` (shards in the driver) and
+``ray_actors.backend.RayBackend`` (one Ray actor per shard). Both hold real
+:class:`~sharded_pagetable.shard.shard.Shard` objects and hand them the same
+:class:`~sharded_pagetable.shard.messages.ShardBatch` values (the Ray one over the wire),
+so the coordinator's commit, recovery and attach are one path for both. A call that
+reaches several shards reports, per shard, an :class:`Ack` or the exception that shard
+raised; the coordinator decides what a failure means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from ..shard.messages import Ack, ShardBatch
+
+Result = Ack | BaseException
+
+
+class Backend(Protocol):
+    num_shards: int
+
+    def send(self, batches: Sequence[ShardBatch]) -> None:
+        """Start delivering one epoch: one batch per shard, in shard order."""
+
+    def collect(self) -> list[Result]:
+        """Every shard's answer to the batches of the last :meth:`send`."""
+
+    def rollback(self, shards: Sequence[int], epoch: int) -> list[Result]:
+        """Ask ``shards`` to step back from ``epoch``."""
+
+    def status(self) -> list[Ack]:
+        """The epoch and checksum every shard holds now."""
+
+    def reseed(self, states: Sequence[ShardBatch | None]) -> list[Result]:
+        """Rebuild every shard from a full-state batch (None: empty)."""
+
+    def export(self) -> list[ShardBatch | None]:
+        """Every shard's rows as a full-state batch at its epoch."""
+
+    def restart(self) -> None:
+        """Replace every shard with a new, empty one."""
+
+    def group_array(self, group: int) -> jax.Array:
+        """Group ``group``'s committed global array, where the driver can hold it."""
+
+    def device_snapshot(self, group: int) -> np.ndarray:
+        """``i32[R, P]`` copy of group ``group`` as the shards' devices hold it."""
+
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(list_of_group_arrays, *args)`` in every shard process."""
+
+    def close(self, clean: bool = True) -> None:
+        """Stop the shards this backend started."""
+
+    def detach(self) -> None:
+        """Let go of the shards without stopping them."""

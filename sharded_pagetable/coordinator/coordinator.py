@@ -1,0 +1,505 @@
+"""The coordinator: the scheduler's single entry point to a table sharded over processes.
+
+It keeps a host mirror of every row (one :class:`HostRows` per group, which also owns what
+is published of it), validates each call against it, and at ``commit`` turns the rows that
+changed into one batch per shard. Cross-shard moves and swaps are resolved in the mirror
+and reach the shards as ordinary row replacements, so shards never talk to each other.
+Commit, recovery and attach are one path for every backend (:mod:`.backend`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from ..config import RayOptions, TableConfig
+from ..constants import cdiv
+from ..errors import ShardFailedError, WireFormatError
+from ..routing.layout import ShardLayout
+from ..routing.mesh import build_mesh, row_sharding
+from ..shard import checksum
+from ..shard.checksum import GroupConsts
+from ..shard.messages import Ack, GroupBatch, ShardBatch
+from ..shard.shard import ShardSpec
+from ..table.host import HostRows
+from ..table.page_table import check_page_sizes
+from ..table.row_ops import MultiGroupRowOps
+from ..table.validation import check_count
+from .backend import Backend, Result
+from .local import LocalBackend
+from .receipt import CommitReceipt, ShardReceipt
+from .view import GroupView, synchronized
+
+log = logging.getLogger(__name__)
+
+
+def _start_backend(
+    kind: str,
+    mesh: Mesh | Mapping[str, int] | None,
+    *,
+    row_axis: str,
+    max_num_reqs: int,
+    num_shards: int,
+    widths: tuple[int, ...],
+    warmup: bool,
+    ray: RayOptions | Mapping[str, Any] | None,
+    attach: bool,
+) -> tuple[ShardLayout, dict[str, int], Backend]:
+    """Where the shards live: the one place that tells the backends apart."""
+
+    def specs(layout: ShardLayout) -> list[ShardSpec]:
+        return [ShardSpec(s, layout, widths, warmup) for s in range(num_shards)]
+
+    if kind == "local":
+        if mesh is None or isinstance(mesh, Mapping):
+            mesh = build_mesh(mesh, row_axis)
+        layout = ShardLayout(max_num_reqs, num_shards, mesh.shape[row_axis])
+        return layout, dict(mesh.shape), LocalBackend(specs(layout), row_sharding(mesh, row_axis))
+    from ray_actors.backend import RayBackend
+
+    options = RayOptions.from_value(ray)
+    if isinstance(mesh, Mesh):
+        raise ValueError(
+            "backend='ray' builds its mesh inside the shard processes: pass mesh as a "
+            "mapping of axis sizes such as {'data': 8}, not a Mesh"
+        )
+    axes = dict(mesh) if mesh else {row_axis: num_shards * options.devices_per_shard}
+    if row_axis not in axes:
+        raise ValueError(f"row_axis {row_axis!r} is not an axis of the mesh {axes}")
+    layout = ShardLayout(max_num_reqs, num_shards, axes[row_axis])
+    return layout, axes, RayBackend(specs(layout), axes, row_axis, options, attach=attach)
+
+
+class ShardedPageTable(MultiGroupRowOps):
+    """``MultiGroupPageTable`` semantics with rows sharded over ``num_shards`` shards.
+
+    Args:
+      max_num_reqs, max_model_len, max_num_batched_tokens, page_sizes: as in
+        ``MultiGroupPageTable``.
+      num_shards: shard processes (``backend="ray"``) or in-process shards (``"local"``).
+      backend: ``"local"`` (default, embedded) or ``"ray"``.
+      mesh: a ``Mesh`` (local backend), a mapping of axis sizes such as
+        ``{"data": 4, "model": 2}``, or None for a 1-D mesh over every device named
+        ``row_axis``.
+      row_axis: mesh axis the rows are split along.
+      num_pages: if given, page ids must be below it.
+      warmup: compile device-update buckets and kernels at start-up.
+      recover: ``"manual"`` (a lost shard fails the table closed until ``recover()``) or
+        ``"auto"`` (recovered inside the failing call, up to ``max_recoveries`` times).
+      ray: options of the Ray backend (address, devices per shard, timeout, placement).
+
+    Example::
+
+      with ShardedPageTable(1024, 32768, 8192, [16, 64], num_shards=4) as t:
+          t.add_row([[1, 2], [9]], row_idx=0)
+          t.move_row(0, 700)          # rows 0 and 700 live on different shards
+          receipt = t.commit(1024)
+    """
+
+    def __init__(
+        self,
+        max_num_reqs: int,
+        max_model_len: int,
+        max_num_batched_tokens: int,
+        page_sizes: Sequence[int],
+        *,
+        num_shards: int,
+        backend: str = "local",
+        mesh: Mesh | Mapping[str, int] | None = None,
+        row_axis: str = "data",
+        num_pages: int | None = None,
+        warmup: bool = True,
+        recover: str = "manual",
+        max_recoveries: int = 3,
+        ray: RayOptions | Mapping[str, Any] | None = None,
+        _attach: bool = False,
+    ) -> None:
+        page_sizes = check_page_sizes(page_sizes)
+        if recover not in ("manual", "auto"):
+            raise ValueError(f"recover must be 'manual' or 'auto', got {recover!r}")
+        if check_count(max_recoveries, 1000, "max_recoveries") < 1:
+            raise ValueError(f"max_recoveries must be positive, got {max_recoveries}")
+        for name, value in (
+            ("max_num_reqs", max_num_reqs),
+            ("max_model_len", max_model_len),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
+            if check_count(value, 2**31 - 1, name) < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        check_count(num_shards, 2**31 - 1, "num_shards")
+        self.max_num_reqs = max_num_reqs
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.page_sizes = page_sizes
+        self.backend_name = backend
+        self.row_axis = row_axis
+        self.recover_mode = recover
+        self.max_recoveries = max_recoveries
+        self.recoveries: list[float] = []  # seconds each recovery took
+        self._lock = threading.RLock()
+        self.widths = widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
+        self._hosts = [
+            HostRows(max_num_reqs, w, num_pages, GroupConsts.build(g, w, max_num_reqs))
+            for g, w in enumerate(widths)
+        ]
+        self._views = [GroupView(self, g) for g in range(len(widths))]
+        self.epoch = 0
+        self._failed: ShardFailedError | None = None
+        self._backend: Backend | None = None
+
+        self.layout, self.mesh_axes, self._backend = _start_backend(
+            backend,
+            mesh,
+            row_axis=row_axis,
+            max_num_reqs=max_num_reqs,
+            num_shards=num_shards,
+            widths=widths,
+            warmup=warmup,
+            ray=ray,
+            attach=_attach,
+        )
+        self._expected = [0] * num_shards  # u64 checksum each shard must report
+        if _attach:
+            try:
+                self._adopt()
+            except BaseException:
+                self._backend.detach()
+                raise
+
+    @classmethod
+    def from_config(cls, config: TableConfig | str, **overrides: Any) -> ShardedPageTable:
+        """Build a table from a :class:`TableConfig` or a YAML file of ``configs/``."""
+        if isinstance(config, str):
+            config = TableConfig.from_yaml(config, **overrides)
+        elif overrides:
+            config = TableConfig.from_dict({**config.__dict__, **overrides})
+        return cls(*config.shape(), **config.kwargs())
+
+    @classmethod
+    def attach(cls, config: TableConfig | str, **overrides: Any) -> ShardedPageTable:
+        """A new coordinator for the running, detached shard actors of ``config``.
+
+        The mirror is rebuilt from the shards at the newest epoch every shard can present:
+        shards one epoch ahead (a commit the old coordinator never finished) step back.
+        """
+        if isinstance(config, str):
+            config = TableConfig.from_yaml(config, **overrides)
+        elif overrides:
+            config = TableConfig.from_dict({**config.__dict__, **overrides})
+        if config.backend != "ray" or not config.ray.detached:
+            raise ValueError("attach needs backend: ray with ray.detached: true")
+        return cls(*config.shape(), _attach=True, **config.kwargs())
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def __getitem__(self, group: int) -> GroupView:
+        return self._views[group]
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    @property
+    def num_shards(self) -> int:
+        return self.layout.num_shards
+
+    def _open(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError("this ShardedPageTable is closed")
+        return self._backend
+
+    def _live_backend(self) -> Backend:
+        backend = self._open()
+        if self._failed is not None:
+            raise ShardFailedError(
+                self._failed.shard,
+                self._failed.epoch,
+                f"the table is fail-closed after an earlier failure ({self._failed.reason})",
+            )
+        return backend
+
+    @synchronized  # a commit in another thread would donate the buffers under us
+    def _group_array(self, group: int) -> jax.Array:
+        return self._live_backend().group_array(group)
+
+    def device_snapshot(self, group: int) -> np.ndarray:
+        """``i32[R, P]`` numpy copy of group ``group``'s committed device table."""
+        if not 0 <= group < len(self._hosts):
+            raise IndexError(f"group {group} is out of range: valid 0..{len(self._hosts) - 1}")
+        return self._read(lambda backend: backend.device_snapshot(group))
+
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run ``fn(list_of_group_arrays, *args)`` in every shard process at once.
+
+        The arrays are the committed global arrays (each process sees its addressable part),
+        so a jitted function over them is an SPMD program across the shard processes.
+        ``fn`` is trusted driver code: it runs with the shard process's privileges.
+        """
+        return self._read(lambda backend: backend.run_on_shards(fn, *args))
+
+    def shard_status(self) -> list[tuple[int, int]]:
+        """``(epoch, checksum)`` each shard reports now; all equal to ``(t.epoch, receipt
+        checksum)`` when the table is healthy."""
+        return self._read(lambda backend: [(a.epoch, a.checksum) for a in backend.status()])
+
+    def _read(self, fn: Callable[[Backend], Any]) -> Any:
+        """A read on the shards; a lost shard fails the table closed."""
+
+        def guarded(backend: Backend) -> Any:
+            try:
+                return fn(backend)
+            except ShardFailedError as exc:
+                self._failed = exc
+                raise
+
+        with self._lock:
+            return self._retrying(guarded)
+
+    def _retrying(self, fn: Callable[[Backend], Any]) -> Any:
+        """``fn(backend)``; with ``recover="auto"`` a failed table is recovered first, and a
+        call that fails it is retried, up to ``max_recoveries`` recoveries."""
+        attempts = 0
+        while True:
+            if self._failed is not None and self.recover_mode == "auto":
+                if attempts >= self.max_recoveries:
+                    raise self._failed
+                attempts += 1
+                log.warning(
+                    "shard %d lost at epoch %d (%s); recovering, attempt %d of %d",
+                    self._failed.shard,
+                    self._failed.epoch,
+                    self._failed.reason,
+                    attempts,
+                    self.max_recoveries,
+                )
+                try:
+                    self.recover()
+                except ShardFailedError:
+                    continue
+            try:
+                return fn(self._live_backend())
+            except ShardFailedError:
+                if self.recover_mode != "auto" or self._failed is None:
+                    raise
+
+    # -- the side-effect point -------------------------------------------------------------
+
+    def commit(self, num_reqs: int) -> CommitReceipt:
+        """Publish rows ``[0, num_reqs)`` on every shard as one new epoch.
+
+        Returns a receipt with the epoch and, per shard, the rows and bytes sent and the
+        checksum the shard confirmed. If any shard fails, every shard steps back, nothing
+        is published, the mirror keeps the pending changes, and :class:`ShardFailedError`
+        names the shard. With ``recover="auto"`` a lost shard is replaced and the commit
+        retried, up to ``max_recoveries`` times.
+        """
+        n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
+        with self._lock:
+            return self._retrying(lambda backend: self._commit_once(backend, n))
+
+    def _commit_once(self, backend: Backend, n: int) -> CommitReceipt:
+        batches = [host.batch(n) for host in self._hosts]
+        if not any(b.size for b in batches):
+            return CommitReceipt(self.epoch, n, False, ())
+        epoch = self.epoch + 1
+        pieces = [b.split(self.layout.bounds) for b in batches]  # [group][shard]
+        messages = [
+            ShardBatch(epoch, self.epoch, s, tuple(p[s] for p in pieces))
+            for s in range(self.num_shards)
+        ]
+        backend.send(messages)
+        # While the shards apply: the terms each row will have and what each shard must report.
+        terms = [host.terms_after(b) for host, b in zip(self._hosts, batches, strict=True)]
+        expected = self._expected_after(batches, [delta for _, delta in terms])
+        self._settle(backend, backend.collect(), expected, epoch)
+        for host, batch, (new_terms, _) in zip(self._hosts, batches, terms, strict=True):
+            host.settle(batch, new_terms)
+        self._expected = expected
+        self.epoch = epoch
+        return CommitReceipt(
+            epoch,
+            n,
+            True,
+            tuple(ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages)),
+        )
+
+    def _expected_after(self, batches: list[GroupBatch], deltas: list[np.ndarray]) -> list[int]:
+        """Each shard's checksum once ``batches`` are applied, from the rows' changes."""
+        expected = list(self._expected)
+        for batch, delta in zip(batches, deltas, strict=True):
+            running = np.zeros(delta.size + 1, np.uint64)
+            np.cumsum(delta, dtype=np.uint64, out=running[1:])
+            cut = np.searchsorted(batch.row, self.layout.bounds).tolist()
+            for s in range(self.num_shards):
+                expected[s] = checksum.add(
+                    expected[s], int(running[cut[s + 1]]) - int(running[cut[s]])
+                )
+        return expected
+
+    def _settle(self, backend: Backend, results: list[Result], expected: list[int], epoch: int):
+        """Raise (after rolling back every shard that applied) unless every shard confirmed
+        ``epoch`` with the checksum expected of it."""
+        failures = _failures(results, expected, epoch, "acked")
+        if not failures:
+            return
+        applied = [s for s, r in enumerate(results) if isinstance(r, Ack) and r.epoch == epoch]
+        rollback = backend.rollback(applied, epoch) if applied else []
+        stuck = [s for s, r in zip(applied, rollback, strict=True) if isinstance(r, BaseException)]
+        shard, reason, lost = failures[0]
+        error = ShardFailedError(shard, epoch, reason + "; nothing was published")
+        if lost or stuck:
+            self._failed = error
+        raise error
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def _published_states(self) -> list[ShardBatch | None]:
+        """Full-state batches rebuilding each shard at the published epoch."""
+        if self.epoch == 0:
+            return [None] * self.num_shards
+        out = []
+        for s in range(self.num_shards):
+            rows = self.layout.shard_rows(s)
+            views = [h.published_rows(rows.start, rows.stop) for h in self._hosts]
+            out.append(ShardBatch.full_state(self.epoch, s, *zip(*views, strict=True)))
+        return out
+
+    def recover(self) -> float:
+        """Replace the shards and rebuild them at the last published epoch.
+
+        Every shard is restarted (a JAX distributed job cannot continue without one of its
+        processes), re-seeded from the coordinator's published rows and verified by
+        checksum. Pending changes stay pending for the next commit. Returns the seconds it
+        took; raises :class:`ShardFailedError` if a new shard fails too.
+        """
+        with self._lock:
+            backend = self._open()
+            t0 = time.perf_counter()
+            try:
+                backend.restart()
+                results = backend.reseed(self._published_states())
+            except ShardFailedError as exc:
+                self._failed = exc
+                raise
+            except Exception as exc:
+                self._failed = ShardFailedError(-1, self.epoch, f"restart failed: {exc}")
+                raise self._failed from exc
+            failures = _failures(results, self._expected, self.epoch, "re-seeded to")
+            if failures:
+                shard, reason, _ = failures[0]
+                self._failed = ShardFailedError(shard, self.epoch, reason)
+                raise self._failed
+            self._failed = None
+            seconds = time.perf_counter() - t0
+            self.recoveries.append(seconds)
+            log.warning(
+                "recovered %d shards at epoch %d in %.2fs", self.num_shards, self.epoch, seconds
+            )
+            return seconds
+
+    def _adopt(self) -> None:
+        """Rebuild the mirror from running shards (``attach``), settling on one epoch."""
+        backend = self._backend
+        epochs = [a.epoch for a in backend.status()]
+        target = min(epochs)
+        if max(epochs) - target > 1:
+            raise RuntimeError(
+                f"shards hold epochs {epochs}: more than one epoch apart, cannot settle"
+            )
+        ahead = [s for s, e in enumerate(epochs) if e > target]
+        if ahead:
+            for s, res in zip(ahead, backend.rollback(ahead, target + 1), strict=True):
+                if isinstance(res, BaseException) or res.epoch != target:
+                    raise RuntimeError(f"shard {s} cannot step back to epoch {target}: {res}")
+            log.warning("shards %s stepped back to epoch %d to settle", ahead, target)
+        for s, state in enumerate(backend.export()):
+            if state is None:
+                continue
+            if state.epoch != target or state.shard != s:
+                raise RuntimeError(f"shard {s} exported epoch {state.epoch}, expected {target}")
+            for host, group in zip(self._hosts, state.groups, strict=True):
+                host.load(self.layout.shard_rows(s).start, group)
+        self.epoch = target
+        self._expected = self._shard_sums()
+        failures = _failures(backend.status(), self._expected, target, "reports after attach")
+        if failures:
+            raise RuntimeError(f"shard {failures[0][0]}: {failures[0][1]}")
+
+    def _shard_sums(self) -> list[int]:
+        """Each shard's checksum, from scratch, from the published rows' terms."""
+        rows = self.layout.rows_per_shard
+        total = np.zeros(self.num_shards, np.uint64)
+        for host in self._hosts:
+            mixed = host.consts.mix[: self.max_num_reqs] * host.terms
+            total += mixed.reshape(self.num_shards, rows).sum(axis=1, dtype=np.uint64)
+        return [int(v) for v in total]
+
+    # -- whole-table operations ----------------------------------------------------------
+
+    def clear(self) -> None:
+        """Empty every row of every group, on the host and on every shard's devices."""
+        with self._lock:
+            self._live_backend()
+            for host in self._hosts:
+                host.reset()
+            self.commit(self.max_num_reqs)
+
+    def close(self) -> None:
+        """Release the shards (actors and devices). Safe to call twice."""
+        with self._lock:
+            backend, self._backend = self._backend, None
+            if backend is not None:
+                backend.close(clean=self._failed is None)
+
+    def __enter__(self) -> ShardedPageTable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _checked_open(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: ShardedPageTable, *args: Any, **kwargs: Any) -> Any:
+            self._open()
+            return method(self, *args, **kwargs)
+
+        call.__name__, call.__doc__ = method.__name__, method.__doc__
+        return synchronized(call)
+
+    # Row operations are serialised (scheduler threads may share a table) and refused once
+    # the table is closed.
+    append_row = _checked_open(MultiGroupRowOps.append_row)
+    add_row = _checked_open(MultiGroupRowOps.add_row)
+    clear_row = _checked_open(MultiGroupRowOps.clear_row)
+    move_row = _checked_open(MultiGroupRowOps.move_row)
+    swap_row = _checked_open(MultiGroupRowOps.swap_row)
+    append_rows_batch = _checked_open(MultiGroupRowOps.append_rows_batch)
+    compute_slot_mapping = synchronized(MultiGroupRowOps.compute_slot_mapping)
+
+
+def _failures(
+    results: Sequence[Result], expected: Sequence[int], epoch: int, verb: str
+) -> list[tuple[int, str, bool]]:
+    """``(shard, reason, shard lost)`` of every result that is not ``(epoch, expected)``."""
+    failures = []
+    for s, res in enumerate(results):
+        if isinstance(res, BaseException):
+            lost = not isinstance(res, WireFormatError)  # a refusal leaves the shard intact
+            failures.append((s, f"{type(res).__name__}: {res}", lost))
+        elif res.epoch != epoch or res.checksum != expected[s]:
+            failures.append(
+                (
+                    s,
+                    f"{verb} epoch {res.epoch} checksum {res.checksum:#x}, expected epoch "
+                    f"{epoch} checksum {expected[s]:#x}",
+                    True,
+                )
+            )
+    return failures

@@ -1,0 +1,93 @@
+"""``backend="local"``: every shard in the driver, one JAX process owning every device.
+
+The shards are real :class:`Shard` objects with their own tables, epochs, checksums and
+undo, handed the coordinator's batches as values (no socket, no encoding); so a local
+table checks itself exactly as a Ray one does, and costs one more apply per commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..routing.layout import ShardLayout
+from ..shard.device import assemble
+from ..shard.messages import ShardBatch
+from ..shard.shard import Shard, ShardSpec
+from .backend import Result
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised (reported per shard, as a remote call is)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
+
+
+class LocalBackend:
+    """In-process shards over one mesh of this process's devices.
+
+    Args:
+      specs: one spec per shard.
+      sharding: the row sharding of every group's global array.
+    """
+
+    def __init__(self, specs: Sequence[ShardSpec], sharding: jax.sharding.NamedSharding) -> None:
+        self.specs = list(specs)
+        self.sharding = sharding
+        self.num_shards = len(self.specs)
+        self.layout: ShardLayout = self.specs[0].layout
+        self._results: list[Result] = []
+        self._arrays: dict[int, jax.Array] = {}  # assembled global arrays, until a change
+        self.restart()
+
+    def restart(self) -> None:
+        self._arrays.clear()
+        self.shards = [Shard(spec, self.sharding) for spec in self.specs]
+
+    def send(self, batches: Sequence[ShardBatch]) -> None:
+        self._arrays.clear()
+        self._results = [_call(s.apply, b) for s, b in zip(self.shards, batches, strict=True)]
+
+    def collect(self) -> list[Result]:
+        results, self._results = self._results, []
+        return results
+
+    def rollback(self, shards: Sequence[int], epoch: int) -> list[Result]:
+        self._arrays.clear()
+        return [_call(self.shards[s].rollback, epoch) for s in shards]
+
+    def status(self) -> list:
+        return [s.status() for s in self.shards]
+
+    def reseed(self, states: Sequence[ShardBatch | None]) -> list[Result]:
+        self._arrays.clear()
+        return [_call(s.reseed, b) for s, b in zip(self.shards, states, strict=True)]
+
+    def export(self) -> list[ShardBatch | None]:
+        return [s.export() for s in self.shards]
+
+    def group_array(self, group: int) -> jax.Array:
+        if group not in self._arrays:
+            buffers = [buf for shard in self.shards for buf in shard.buffers(group)]
+            shape = self.shards[0].devices[group].shape
+            self._arrays[group] = assemble(shape, self.sharding, buffers)
+        return self._arrays[group]
+
+    def device_snapshot(self, group: int) -> np.ndarray:
+        return np.concatenate([s.snapshot(group) for s in self.shards])
+
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        arrays = [self.group_array(g) for g in range(len(self.specs[0].widths))]
+        return [fn(arrays, *args) for _ in self.shards]
+
+    def close(self, clean: bool = True) -> None:
+        self.shards = []
+        self._arrays.clear()
+
+    def detach(self) -> None:
+        self.close()

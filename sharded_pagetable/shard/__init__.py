@@ -1,0 +1,1 @@
+"""The shard side: messages and their wire format, checksums, kernels, device buffers, a shard."""

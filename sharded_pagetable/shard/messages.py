@@ -1,0 +1,130 @@
+"""What crosses between coordinator and shard, as values: batches, acks and refusals.
+
+:mod:`.wire` turns them into bytes and back; in-process shards take them as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..constants import OP_APPEND, OP_CLEAR, OP_SET
+
+__all__ = ["OP_APPEND", "OP_CLEAR", "OP_SET", "Ack", "GroupBatch", "Refusal", "ShardBatch"]
+
+
+@dataclass(frozen=True, eq=False)
+class GroupBatch:
+    """Columnar updates of one group; every array is ``i32``.
+
+    ``op[i]`` (``OP_SET`` / ``OP_APPEND`` / ``OP_CLEAR``) rewrites row ``row[i]`` (strictly
+    increasing) from slot ``start[i]`` to its new count ``count[i]``; ``pages`` holds the
+    ``count - start`` new page ids of every op, flat, in op order.
+    """
+
+    op: np.ndarray
+    row: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    pages: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.row.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the five columns: what a commit sends for this group on any backend."""
+        return sum(a.nbytes for a in (self.op, self.row, self.start, self.count, self.pages))
+
+    @classmethod
+    def empty(cls) -> GroupBatch:
+        z = np.empty(0, dtype=np.int32)
+        return cls(z, z, z, z, z)
+
+    def split(self, bounds: Sequence[int]) -> list[GroupBatch]:
+        """The batch cut at row ``bounds`` (``b[0] <= b[1] <= ...``): piece ``s`` holds rows
+        ``[b[s], b[s + 1])``, renumbered from ``b[s]``."""
+        cut = np.searchsorted(self.row, bounds).tolist()
+        written = self.count.astype(np.int64) - self.start
+        page_cut = np.concatenate([[0], np.cumsum(written)])[cut].tolist()
+        out = []
+        for s in range(len(bounds) - 1):
+            i, j, p, q = cut[s], cut[s + 1], page_cut[s], page_cut[s + 1]
+            out.append(
+                GroupBatch(
+                    self.op[i:j],
+                    (self.row[i:j] - bounds[s]).astype(np.int32),
+                    self.start[i:j],
+                    self.count[i:j],
+                    self.pages[p:q],
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class ShardBatch:
+    """Everything one shard applies for one epoch, on top of epoch ``base``.
+
+    A full-state batch (``base == 0``, one SET per non-empty row) rebuilds a shard or
+    exports one.
+    """
+
+    epoch: int
+    base: int
+    shard: int
+    groups: tuple[GroupBatch, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in self.groups)
+
+    @classmethod
+    def full_state(
+        cls, epoch: int, shard: int, tables: Sequence[np.ndarray], counts: Sequence[np.ndarray]
+    ) -> ShardBatch:
+        """One SET per non-empty row of each group's ``tables`` / ``counts`` (local rows)."""
+        groups = []
+        for table, count in zip(tables, counts, strict=True):
+            rows = np.flatnonzero(count).astype(np.int32)
+            n = count[rows].astype(np.int32)
+            mask = np.arange(table.shape[1])[None, :] < n[:, None]
+            pages = table[rows][mask].astype(np.int32)
+            op = np.full(rows.size, OP_SET, np.int32)
+            groups.append(GroupBatch(op, rows, np.zeros(rows.size, np.int32), n, pages))
+        return cls(epoch, 0, shard, tuple(groups))
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A shard's answer: the epoch it now holds and the checksum of its rows.
+
+    ``rows`` counts the row updates of the batch answered; ``applied`` is False when nothing
+    changed (a status query, or a re-sent epoch acknowledged without applying it again).
+    """
+
+    shard: int
+    epoch: int
+    checksum: int
+    rows: int
+    applied: bool
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A shard's answer when it did not do what it was asked; its state is unchanged.
+
+    ``wire`` is True when the request itself was refused (a malformed or inconsistent
+    batch), False for any other error inside the shard.
+    """
+
+    shard: int
+    wire: bool
+    message: str

@@ -1,0 +1,250 @@
+"""A shard: the tables of its rows per KV-cache group, their device buffers and its epoch.
+
+The same class serves both backends: in the driver (``backend="local"``, handed batches as
+values) and inside a Ray actor (``backend="ray"``, which decodes wire bytes first). It
+applies an epoch's batch with the compiled kernels of :mod:`.kernels`, updates just the
+changed cells on its devices, reports the checksum of what it now holds, and can step back
+one epoch (it keeps the undo of its last batch) so a commit that failed elsewhere publishes
+nowhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from ..constants import PAGE_TABLE_PADDING_VAL
+from ..errors import WireFormatError
+from ..routing.layout import ShardLayout
+from . import checksum, kernels
+from .checksum import GroupConsts, segment_index
+from .device import DeviceRows, assemble, update_groups, warmup_groups
+from .messages import OP_APPEND, Ack, GroupBatch, ShardBatch
+from .wire import WireLimits, decode
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a shard needs to build itself; identical in every process.
+
+    Args:
+      shard_id: this shard's index.
+      layout: the routing layout (rows, shards, device blocks).
+      widths: pages per row of each KV-cache group.
+      warmup: compile the device update buckets and kernels at start-up.
+    """
+
+    shard_id: int
+    layout: ShardLayout
+    widths: tuple[int, ...]
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shard_id < self.layout.num_shards:
+            raise ValueError(
+                f"shard_id={self.shard_id} is out of range for {self.layout.num_shards} shards"
+            )
+
+
+def batch_digest(batch: ShardBatch) -> bytes:
+    """Identity of a batch's content, to tell a re-sent epoch from a different one."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.array([batch.epoch, batch.base, batch.shard], np.int64).tobytes())
+    for g in batch.groups:
+        for col in (g.op, g.row, g.start, g.count, g.pages):
+            h.update(np.int64(col.size).tobytes())
+            h.update(np.ascontiguousarray(col, dtype="<i4").tobytes())
+    return h.digest()
+
+
+def check_appends(counts: np.ndarray, batch: GroupBatch, group: int) -> None:
+    """Refuse ``batch`` (of group ``group``) if an APPEND does not start at its row's held
+    count in ``counts``: the shard and the sender disagree about that row."""
+    bad = kernels.first_bad_append(counts, batch)
+    if bad >= 0:
+        raise WireFormatError(
+            f"group {group}: APPEND to local row {int(batch.row[bad])} starts at "
+            f"{int(batch.start[bad])} but the row holds {int(counts[batch.row[bad]])} pages"
+        )
+
+
+@dataclass
+class _GroupUndo:
+    rows: np.ndarray  # i32[k] local rows the batch touched
+    counts: np.ndarray  # i32[k] their counts before
+    inner: np.ndarray  # u64[k] their checksum terms before
+    replaced: np.ndarray  # bool[k] rows rewritten from slot 0 (appends undo by truncation)
+    old_rows: np.ndarray  # i32[replaced, P] the replaced rows before
+
+
+@dataclass
+class _Undo:
+    epoch: int
+    digest: bytes | None
+    checksum: int
+    groups: list[_GroupUndo | None]
+
+
+class Shard:
+    """Rows ``layout.shard_rows(shard_id)`` of every group, on the host and on devices."""
+
+    def __init__(self, spec: ShardSpec, sharding: jax.sharding.Sharding) -> None:
+        layout = spec.layout
+        rows = layout.shard_rows(spec.shard_id)
+        self.spec = spec
+        self.sharding = sharding
+        self.lo, self.hi = rows.start, rows.stop
+        self.limits = WireLimits(layout.rows_per_shard, spec.widths)
+        n = layout.rows_per_shard
+        self.tables = [np.full((n, w), PAGE_TABLE_PADDING_VAL, np.int32) for w in spec.widths]
+        self.counts = [np.zeros(n, np.int32) for _ in spec.widths]
+        self.inner = [np.zeros(n, np.uint64) for _ in spec.widths]  # checksum terms per row
+        self.consts = [
+            GroupConsts.build(g, w, layout.max_num_reqs, self.lo) for g, w in enumerate(spec.widths)
+        ]
+        self.checksum = 0
+        self.epoch = 0
+        self._digest: bytes | None = None
+        self._undo: _Undo | None = None
+        self.devices = [
+            DeviceRows(
+                (layout.max_num_reqs, w), sharding, table, self.lo, self.hi, warmup=spec.warmup
+            )
+            for w, table in zip(spec.widths, self.tables, strict=True)
+        ]
+        if spec.warmup:
+            warmup_groups(self.devices)
+            for g, consts in enumerate(self.consts):
+                kernels.warm_up(self.tables[g], self.counts[g], self.inner[g], consts)
+
+    def _ack(self, rows: int, applied: bool) -> Ack:
+        return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied)
+
+    def status(self) -> Ack:
+        """The epoch this shard holds and the checksum of its rows."""
+        return self._ack(0, applied=False)
+
+    def _check(self, batch: ShardBatch) -> None:
+        """Refuse a batch that is not the next epoch for this shard's rows."""
+        if batch.shard != self.spec.shard_id:
+            raise WireFormatError(
+                f"batch for shard {batch.shard} sent to shard {self.spec.shard_id}"
+            )
+        if batch.base != self.epoch:
+            raise WireFormatError(
+                f"batch for epoch {batch.epoch} builds on epoch {batch.base}, "
+                f"but shard {self.spec.shard_id} holds epoch {self.epoch}"
+            )
+        if len(batch.groups) != len(self.tables):
+            raise WireFormatError(f"batch has {len(batch.groups)} groups, shard {len(self.tables)}")
+        for g, gb in enumerate(batch.groups):
+            check_appends(self.counts[g], gb, g)
+
+    def _decoded(self, batch: ShardBatch | bytes) -> ShardBatch:
+        return batch if isinstance(batch, ShardBatch) else decode(batch, self.limits)
+
+    def apply(self, batch: ShardBatch | bytes) -> Ack:
+        """Apply one epoch's batch (a value, or wire bytes decoded strictly first); a re-sent
+        epoch is acknowledged without applying it again."""
+        batch = self._decoded(batch)
+        digest = batch_digest(batch)
+        if batch.epoch == self.epoch and batch.shard == self.spec.shard_id:
+            if digest != self._digest:
+                raise WireFormatError(f"epoch {batch.epoch} was already applied with other content")
+            return self._ack(batch.rows, applied=False)
+        self._check(batch)
+        undo = _Undo(self.epoch, self._digest, self.checksum, [])
+        total = self.checksum
+        device_updates: list = [None] * len(batch.groups)
+        for g, gb in enumerate(batch.groups):
+            if gb.size == 0:
+                undo.groups.append(None)
+                continue
+            rows, table = gb.row, self.tables[g]
+            replaced = gb.op != OP_APPEND
+            undo.groups.append(
+                _GroupUndo(
+                    rows, self.counts[g][rows], self.inner[g][rows], replaced, table[rows[replaced]]
+                )
+            )
+            delta, (cells_r, cells_c) = kernels.apply_batch(
+                table, self.counts[g], self.inner[g], gb, self.consts[g]
+            )
+            total = checksum.add(total, delta)
+            device_updates[g] = (rows + self.lo, table, self.hi, (cells_r + self.lo, cells_c))
+        update_groups(self.devices, device_updates)
+        self._undo = undo
+        self.checksum = total
+        self.epoch = batch.epoch
+        self._digest = digest
+        return self._ack(batch.rows, applied=True)
+
+    def rollback(self, epoch: int) -> Ack:
+        """Step back from ``epoch`` to the epoch before it (no-op if ``epoch`` is not held)."""
+        if self.epoch != epoch:
+            return self._ack(0, applied=False)
+        undo = self._undo
+        if undo is None:
+            raise RuntimeError(f"shard {self.spec.shard_id} cannot step back from epoch {epoch}")
+        for g, entry in enumerate(undo.groups):
+            if entry is None:
+                continue
+            table, rows = self.tables[g], entry.rows
+            appended = ~entry.replaced
+            r, c = segment_index(
+                rows[appended], entry.counts[appended], self.counts[g][rows[appended]]
+            )
+            table[r, c] = PAGE_TABLE_PADDING_VAL
+            table[rows[entry.replaced]] = entry.old_rows
+            self.counts[g][rows] = entry.counts
+            self.inner[g][rows] = entry.inner
+            self.devices[g].update(rows + self.lo, table, whole_below=self.hi)
+        self.epoch, self._digest, self.checksum = undo.epoch, undo.digest, undo.checksum
+        self._undo = None
+        return self._ack(0, applied=True)
+
+    def reseed(self, batch: ShardBatch | bytes | None) -> Ack:
+        """Replace every row with a full-state batch (``ShardBatch.full_state``; None: empty).
+
+        Used to rebuild a replaced shard from the coordinator's published rows.
+        """
+        batch = None if batch is None else self._decoded(batch)
+        if batch is not None and batch.shard != self.spec.shard_id:
+            raise WireFormatError(f"state for shard {batch.shard} sent to {self.spec.shard_id}")
+        if batch is not None and len(batch.groups) != len(self.tables):
+            raise WireFormatError(f"state has {len(batch.groups)} groups, shard {len(self.tables)}")
+        total = 0
+        for g, table in enumerate(self.tables):
+            table.fill(PAGE_TABLE_PADDING_VAL)
+            self.counts[g].fill(0)
+            self.inner[g].fill(0)
+            if batch is not None:
+                delta, _ = kernels.apply_batch(
+                    table, self.counts[g], self.inner[g], batch.groups[g], self.consts[g]
+                )
+                total = checksum.add(total, delta)
+            self.devices[g].reset(table)
+        self.checksum = total
+        self.epoch = batch.epoch if batch is not None else 0
+        self._digest, self._undo = None, None
+        return self._ack(0, applied=True)
+
+    def export(self) -> ShardBatch | None:
+        """This shard's rows as a full-state batch at its epoch (None at epoch 0)."""
+        if self.epoch == 0:
+            return None
+        return ShardBatch.full_state(self.epoch, self.spec.shard_id, self.tables, self.counts)
+
+    def buffers(self, group: int) -> list[jax.Array]:
+        return self.devices[group].buffers()
+
+    def group_arrays(self) -> list[jax.Array]:
+        """Each group's global array built from this process's buffers (multi-controller)."""
+        return [assemble(d.shape, self.sharding, d.buffers()) for d in self.devices]
+
+    def snapshot(self, group: int) -> np.ndarray:
+        """``i32[rows_per_shard, P]`` copy of this shard's rows as its devices hold them."""
+        return self.devices[group].to_numpy()

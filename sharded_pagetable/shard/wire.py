@@ -1,0 +1,215 @@
+"""Wire format between coordinator and shard: every message both ways, each strictly decoded.
+
+A batch (one per shard per commit, and the full-state messages of recovery and attach) is a
+msgpack map ``{"v", "epoch", "base", "shard", "groups"}``; ``groups`` holds one map per
+KV-cache group with the columns of :class:`~.messages.GroupBatch` as little-endian int32
+byte strings. A reply is ``{"v", "ack": [shard, epoch, checksum, rows, applied]}`` or
+``{"v", "refused": [shard, wire, message]}``.
+
+Decoding is strict: exact keys, bounded sizes, no extension types, consistent lengths and
+values. Anything else raises :class:`WireFormatError` before a single cell is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from ..constants import MAX_PAGE_ID
+from ..errors import WireFormatError
+from . import kernels
+from .messages import Ack, GroupBatch, Refusal, ShardBatch
+
+VERSION = 1
+
+_KEYS = frozenset({"v", "epoch", "base", "shard", "groups"})
+_GROUP_KEYS = ("op", "row", "start", "count", "pages")
+_I32 = np.dtype("<i4")
+_MAX_EPOCH = 2**63 - 1
+_MAX_U64 = 2**64 - 1
+_MAX_REPLY = 4096  # bytes; a refusal's message is cut to fit
+_MAX_REASON = 1024  # characters of a refusal's message
+_VALUE_ERRORS = {
+    1: "rows must be strictly increasing within the shard",
+    2: "need 0 <= start <= count <= pages per row for every op",
+    3: "unknown op code",
+    4: "SET must start at 0 and CLEAR must empty the row",
+    5: "APPEND must add pages after a non-empty row",
+    6: f"page ids must be in 0..{MAX_PAGE_ID}",
+}
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """What a shard can accept: its row count and each group's pages per row."""
+
+    num_rows: int
+    widths: tuple[int, ...]
+
+    @property
+    def max_bytes(self) -> int:
+        per_group = [self.num_rows * 4 * (4 + w) + 256 for w in self.widths]
+        return 256 + sum(per_group)
+
+
+# -- batches ----------------------------------------------------------------------------
+
+
+def encode(batch: ShardBatch) -> bytes:
+    """Serialise ``batch`` (arrays are sent as raw little-endian int32 bytes)."""
+    groups = [
+        {key: np.ascontiguousarray(getattr(g, key), dtype=_I32).tobytes() for key in _GROUP_KEYS}
+        for g in batch.groups
+    ]
+    return msgpack.packb(
+        {
+            "v": VERSION,
+            "epoch": batch.epoch,
+            "base": batch.base,
+            "shard": batch.shard,
+            "groups": groups,
+        },
+        use_bin_type=True,
+    )
+
+
+def _refuse_ext(code: int, data: bytes) -> None:
+    raise WireFormatError(f"extension type {code} is not allowed")
+
+
+def _unpack(data: object, max_bytes: int, max_array: int, max_str: int) -> object:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireFormatError(f"message must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise WireFormatError(f"message of {len(data)} bytes exceeds the limit {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            max_bin_len=max_bytes,
+            max_str_len=max_str,
+            max_array_len=max_array,
+            max_map_len=8,
+            max_ext_len=0,
+        )
+    except WireFormatError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireFormatError(f"not a valid msgpack message: {exc}") from None
+
+
+def _int_field(msg: dict, key: str, upper: int) -> int:
+    value = msg[key]
+    if type(value) is not int or not 0 <= value <= upper:
+        raise WireFormatError(f"{key} must be an int in 0..{upper}, got {value!r}")
+    return value
+
+
+def _check_version(msg: object, keys: frozenset[str], what: str) -> dict:
+    if type(msg) is not dict or set(msg) != keys:
+        got = sorted(map(str, msg)) if isinstance(msg, dict) else type(msg).__name__
+        raise WireFormatError(f"{what} must be a map with keys {sorted(keys)}, got {got}")
+    if type(msg["v"]) is not int or msg["v"] != VERSION:
+        raise WireFormatError(f"unsupported wire version {msg['v']!r}; this side speaks {VERSION}")
+    return msg
+
+
+def _column(group: dict, key: str, g: int) -> np.ndarray:
+    raw = group[key]
+    if type(raw) is not bytes or len(raw) % 4:
+        raise WireFormatError(
+            f"group {g} field {key!r} must be int32 bytes, got {type(raw).__name__}"
+        )
+    return np.frombuffer(raw, dtype=_I32)
+
+
+def _decode_group(group: object, g: int, limits: WireLimits) -> GroupBatch:
+    if type(group) is not dict or set(group) != set(_GROUP_KEYS):
+        keys = sorted(map(repr, group)) if isinstance(group, dict) else type(group).__name__
+        raise WireFormatError(f"group {g} must be a map with keys {list(_GROUP_KEYS)}, got {keys}")
+    op, row, start, count, pages = (_column(group, k, g) for k in _GROUP_KEYS)
+    k = row.size
+    if not op.size == start.size == count.size == k:
+        raise WireFormatError(
+            f"group {g}: op/row/start/count lengths differ: "
+            f"{op.size}/{row.size}/{start.size}/{count.size}"
+        )
+    if k > limits.num_rows:
+        raise WireFormatError(f"group {g}: {k} ops for a shard of {limits.num_rows} rows")
+    width = limits.widths[g]
+    code, i, expected = kernels.check_values(op, row, start, count, pages, limits.num_rows, width)
+    if code:
+        raise WireFormatError(f"group {g}: {_VALUE_ERRORS[code]} (entry {i})")
+    if pages.size != expected:
+        raise WireFormatError(f"group {g}: {pages.size} page ids for {expected} written cells")
+    return GroupBatch(op, row, start, count, pages)
+
+
+def decode(data: bytes, limits: WireLimits) -> ShardBatch:
+    """Parse and check a batch for a shard described by ``limits``."""
+    msg = _check_version(_unpack(data, limits.max_bytes, len(limits.widths), 16), _KEYS, "message")
+    epoch = _int_field(msg, "epoch", _MAX_EPOCH)
+    base = _int_field(msg, "base", _MAX_EPOCH)
+    shard = _int_field(msg, "shard", 2**31 - 1)
+    if base >= epoch:
+        raise WireFormatError(f"epoch {epoch} must come after its base epoch {base}")
+    groups = msg["groups"]
+    if type(groups) is not list or len(groups) != len(limits.widths):
+        raise WireFormatError(f"expected a list of {len(limits.widths)} groups")
+    return ShardBatch(
+        epoch, base, shard, tuple(_decode_group(gr, g, limits) for g, gr in enumerate(groups))
+    )
+
+
+# -- replies ----------------------------------------------------------------------------
+
+_ACK_KEYS = frozenset({"v", "ack"})
+_REFUSED_KEYS = frozenset({"v", "refused"})
+
+
+def encode_reply(reply: Ack | Refusal) -> bytes:
+    """Serialise a shard's answer; a refusal's message is cut to a bounded length."""
+    if isinstance(reply, Ack):
+        body = [reply.shard, reply.epoch, reply.checksum, reply.rows, reply.applied]
+        return msgpack.packb({"v": VERSION, "ack": body})
+    return msgpack.packb(
+        {"v": VERSION, "refused": [reply.shard, reply.wire, reply.message[:_MAX_REASON]]}
+    )
+
+
+def decode_reply(data: bytes, num_shards: int) -> Ack | Refusal:
+    """Parse a shard's answer; anything but a well-formed ack or refusal raises."""
+    msg = _unpack(data, _MAX_REPLY, 5, _MAX_REASON * 4)
+    if type(msg) is dict and "refused" in msg:
+        msg = _check_version(msg, _REFUSED_KEYS, "refusal")
+        body = msg["refused"]
+        if (
+            type(body) is not list
+            or len(body) != 3
+            or type(body[0]) is not int
+            or not 0 <= body[0] < num_shards
+            or type(body[1]) is not bool
+            or type(body[2]) is not str
+        ):
+            raise WireFormatError("a refusal must be [shard, wire (bool), message (str)]")
+        return Refusal(*body)
+    msg = _check_version(msg, _ACK_KEYS, "reply")
+    body = msg["ack"]
+    if type(body) is not list or len(body) != 5:
+        raise WireFormatError("an ack must be [shard, epoch, checksum, rows, applied]")
+    shard, epoch, checksum, rows, applied = body
+    for name, value, upper in (
+        ("shard", shard, num_shards - 1),
+        ("epoch", epoch, _MAX_EPOCH),
+        ("checksum", checksum, _MAX_U64),
+        ("rows", rows, 2**31 - 1),
+    ):
+        if type(value) is not int or not 0 <= value <= upper:
+            raise WireFormatError(f"ack field {name} must be an int in 0..{upper}, got {value!r}")
+    if type(applied) is not bool:
+        raise WireFormatError(f"ack field applied must be a bool, got {applied!r}")
+    return Ack(shard, epoch, checksum, rows, applied)

@@ -1,0 +1,242 @@
+"""Host state of one KV-cache group: the table, its counts, and what is published of it.
+
+:class:`HostRows` is the one owner of a group's rows and of their publication, for the
+single-process table and for the sharded coordinator's mirror alike. Row operations change
+the live table and mark rows; a commit asks for the pending :meth:`~HostRows.batch`, sends
+it wherever it goes, then :meth:`~HostRows.settle`\\ s it (or simply drops it: nothing
+published changes until settle, so a failed commit needs no undo).
+
+Every ``check_*`` method validates and returns normalised arguments without touching state;
+the write methods assume their arguments were checked, so a caller can validate a whole
+multi-group call before it writes anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..constants import MAX_PAGE_ID, OP_APPEND, OP_CLEAR, OP_SET, PAGE_TABLE_PADDING_VAL
+from ..errors import PageTableFullError
+from ..shard import kernels
+from ..shard.checksum import GroupConsts, segment_index
+from ..shard.messages import GroupBatch
+from .validation import check_index, page_id_array
+
+PageIds = Sequence[int] | np.ndarray
+CLEAN, APPENDED, REWRITTEN = 0, 1, 2
+
+
+class HostRows:
+    """``i32[R, P]`` page ids and ``i32[R]`` counts, with what was last published of them.
+
+    Invariant: ``table[r, counts[r]:]`` is ``PAGE_TABLE_PADDING_VAL`` for every row.
+    ``state[r]`` is ``CLEAN``, ``APPENDED`` (only pages added since the row was last
+    published, so its published prefix still holds) or ``REWRITTEN`` (anything else).
+
+    With ``consts`` (the sharded coordinator) it also keeps what recovery and checksums need:
+    the published pages of a row, saved the first time the row is rewritten after a commit,
+    and each published row's checksum terms.
+
+    Args:
+      num_rows, capacity: table shape.
+      num_pages: if given, page ids must be below it.
+      consts: checksum constants of this group (global row numbering), or None.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        capacity: int,
+        num_pages: int | None = None,
+        consts: GroupConsts | None = None,
+    ) -> None:
+        self.num_rows = num_rows
+        self.capacity = capacity
+        self.num_pages = num_pages
+        self.max_id = MAX_PAGE_ID if num_pages is None else num_pages - 1
+        self.table = np.full((num_rows, capacity), PAGE_TABLE_PADDING_VAL, dtype=np.int32)
+        self.counts = np.zeros(num_rows, dtype=np.int32)
+        # Row states live in a bytearray (fast scalar access on the row-op hot path) seen by
+        # numpy through a view of the same memory (fast scans at commit).
+        self._state = bytearray(num_rows)
+        self.state = np.frombuffer(self._state, dtype=np.int8)
+        self.published = np.zeros(num_rows, dtype=np.int32)  # i32[R] counts as published
+        self.consts = consts
+        self.terms = np.zeros(num_rows, np.uint64) if consts is not None else None  # u64[R]
+        self._saved: dict[int, np.ndarray] | None = {} if consts is not None else None
+
+    # -- checks (no state change) ------------------------------------------------------
+
+    def check_row(self, row: object, what: str = "row") -> int:
+        if type(row) is int and 0 <= row < self.num_rows:
+            return row
+        return check_index(row, self.num_rows, what)
+
+    def check_ids(self, page_ids: object) -> PageIds:
+        """Validated page ids: the caller's list when it is plain in-range ints, else an
+        ``i32`` array (or the error naming the bad id)."""
+        if type(page_ids) is list:
+            hi = self.max_id
+            for p in page_ids:
+                if type(p) is not int or not 0 <= p <= hi:
+                    break
+            else:
+                return page_ids
+        return page_id_array(page_ids, self.num_pages)
+
+    def check_room(self, row: int, extra: int, count: int | None = None) -> None:
+        held = self.counts.item(row) if count is None else count
+        if held + extra > self.capacity:
+            raise PageTableFullError(
+                f"row {row} holds {held} pages; {extra} more would exceed its capacity of "
+                f"{self.capacity} pages"
+            )
+
+    # -- writes (arguments already checked) ----------------------------------------------
+
+    def _rewrite(self, row: int) -> None:
+        """Mark ``row`` rewritten, saving its published pages the first time."""
+        if self._state[row] != REWRITTEN:
+            if self._saved is not None:
+                self._saved[row] = self.table[row, : self.published.item(row)].copy()
+            self._state[row] = REWRITTEN
+
+    def append(self, row: int, ids: PageIds) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        start = self.counts.item(row)
+        self.table[row, start : start + n] = ids
+        self.counts[row] = start + n
+        if not self._state[row]:
+            self._state[row] = APPENDED
+
+    def checked_append(self, row: int, ids: PageIds) -> None:
+        """``check_room`` and ``append`` with one read of the count (the hot path)."""
+        n = len(ids)
+        start = self.counts.item(row)
+        if start + n > self.capacity:
+            self.check_room(row, n)
+        if n:
+            self.table[row, start : start + n] = ids
+            self.counts[row] = start + n
+            if not self._state[row]:
+                self._state[row] = APPENDED
+
+    def replace(self, row: int, ids: PageIds) -> None:
+        self._rewrite(row)
+        n, old = len(ids), self.counts.item(row)
+        self.table[row, :n] = ids
+        if old > n:
+            self.table[row, n:old] = PAGE_TABLE_PADDING_VAL
+        self.counts[row] = n
+
+    def clear_row(self, row: int) -> None:
+        self._rewrite(row)
+        self.table[row, : self.counts.item(row)] = PAGE_TABLE_PADDING_VAL
+        self.counts[row] = 0
+
+    def copy_row(self, src: int, tgt: int) -> None:
+        if src == tgt:
+            return
+        self._rewrite(tgt)
+        n, old = self.counts.item(src), self.counts.item(tgt)
+        # src is padded past n, so one slice copies its pages and pads tgt's old tail.
+        m = n if n >= old else old
+        self.table[tgt, :m] = self.table[src, :m]
+        self.counts[tgt] = n
+
+    def swap_rows(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        self._rewrite(a)
+        self._rewrite(b)
+        table, counts = self.table, self.counts
+        na, nb = counts.item(a), counts.item(b)
+        m = na if na >= nb else nb
+        held = table[a, :m].copy()
+        table[a, :m] = table[b, :m]
+        table[b, :m] = held
+        counts[a], counts[b] = nb, na
+
+    def reset(self) -> None:
+        """Empty every row; what was published stays published until the next commit."""
+        for row in np.flatnonzero(self.published).tolist():
+            self._rewrite(row)
+        self.table.fill(PAGE_TABLE_PADDING_VAL)
+        self.counts.fill(0)
+        self.state[self.published == 0] = CLEAN
+
+    # -- publication ---------------------------------------------------------------------
+
+    def batch(self, num_reqs: int) -> GroupBatch:
+        """Rows below ``num_reqs`` changed since they were published, as one batch over
+        global rows: an APPEND of the new pages where only pages were added, else a SET (or
+        CLEAR) of the whole row."""
+        rows = np.flatnonzero(self.state[:num_reqs]).astype(np.int32)
+        counts = self.counts[rows]
+        starts = np.where(self.state[rows] == REWRITTEN, 0, self.published[rows]).astype(np.int32)
+        op = np.where(starts > 0, OP_APPEND, np.where(counts == 0, OP_CLEAR, OP_SET))
+        r, c = segment_index(rows, starts, counts)
+        return GroupBatch(op.astype(np.int32), rows, starts, counts, self.table[r, c])
+
+    def changed_cells(self, batch: GroupBatch) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, cols)`` that publishing ``batch`` changes on a device that holds the
+        published rows: the written cells and the tail a shorter row leaves behind."""
+        stops = np.maximum(batch.count, self.published[batch.row])
+        return segment_index(batch.row, batch.start, stops)
+
+    def terms_after(self, batch: GroupBatch) -> tuple[np.ndarray, np.ndarray]:
+        """``(u64[k] terms, u64[k] checksum change)`` of ``batch``'s rows once published
+        (needs ``consts``); nothing changes until :meth:`settle`."""
+        return kernels.batch_terms(self.terms, batch, self.consts)
+
+    def settle(self, batch: GroupBatch, terms: np.ndarray | None = None) -> None:
+        """``batch`` is published: its rows are clean, their saved copies dropped."""
+        rows = batch.row
+        self.published[rows] = batch.count
+        self.state[rows] = CLEAN
+        if self._saved is not None:
+            self.terms[rows] = terms
+            if self._saved:
+                for row in rows.tolist():
+                    self._saved.pop(row, None)
+
+    def reset_published(self) -> None:
+        """Empty every row and take that as published (the caller emptied its devices)."""
+        self.reset()
+        self.published.fill(0)
+        self.state.fill(CLEAN)
+        if self._saved is not None:
+            self._saved.clear()
+            self.terms.fill(0)
+
+    def published_rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(i32[hi - lo, P] pages, i32[hi - lo] counts)`` of rows ``[lo, hi)`` as last
+        published (needs ``consts``)."""
+        table = self.table[lo:hi].copy()
+        counts = self.published[lo:hi].copy()
+        for row, pages in self._saved.items():
+            if lo <= row < hi:
+                table[row - lo] = PAGE_TABLE_PADDING_VAL
+                table[row - lo, : pages.size] = pages
+        # Appended rows hold pages past their published count.
+        cols = np.arange(self.capacity)
+        table[cols[None, :] >= counts[:, None]] = PAGE_TABLE_PADDING_VAL
+        return table, counts
+
+    def load(self, lo: int, batch: GroupBatch) -> None:
+        """Make rows ``lo + batch.row`` (a full-state batch of SETs) both live and published,
+        on a table whose rows there are empty and clean (attach)."""
+        rows = batch.row.astype(np.int64) + lo
+        r, c = segment_index(rows, batch.start, batch.count)
+        self.table[r, c] = batch.pages
+        self.counts[rows] = batch.count
+        self.published[rows] = batch.count
+        if self.terms is not None:
+            glob = GroupBatch(
+                batch.op, rows.astype(np.int32), batch.start, batch.count, batch.pages
+            )
+            self.terms[rows] = kernels.batch_terms(self.terms, glob, self.consts)[0]

@@ -1,0 +1,27 @@
+"""Group-batch helpers the wire and checksum tests share, over the library's own kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sharded_pagetable.shard import kernels
+from sharded_pagetable.shard.checksum import GroupConsts
+from sharded_pagetable.shard.messages import GroupBatch
+from sharded_pagetable.shard.shard import check_appends
+
+
+def apply_group(table: np.ndarray, counts: np.ndarray, batch: GroupBatch) -> None:
+    """Write ``batch`` into ``table`` (``i32[rows, P]``) and ``counts`` with the shard's apply
+    kernel (its checksum terms are thrown away)."""
+    inner = np.zeros(counts.size, np.uint64)
+    consts = GroupConsts.build(0, table.shape[1], counts.size)
+    kernels.apply_batch(table, counts, inner, batch, consts)
+
+
+def check_group(counts: np.ndarray, batch: GroupBatch, group: int) -> None:
+    """The shard's append check of one group."""
+    check_appends(counts, batch, group)
+
+
+def empty_group() -> GroupBatch:
+    return GroupBatch.empty()
