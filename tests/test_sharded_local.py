@@ -123,3 +123,36 @@ def test_two_axis_mesh_replicates_rows_over_the_other_axis():
             np.testing.assert_array_equal(
                 np.asarray(shard.data), t[0].get_cpu_tensor()[lo : lo + 16]
             )
+
+
+def test_corrupted_local_shard_fails_the_next_commit_naming_it():
+    """A local shard confirms each epoch with the checksum of what its own table holds: a
+    page changed behind the coordinator's back is caught at the next commit that touches the
+    row, nothing is published, and the other shards step back."""
+    with make(4) as t:
+        rps = t.layout.rows_per_shard
+        victim_row = 2 * rps + 3  # shard 2
+        t.add_row([[1, 2, 3], [4]], victim_row)
+        t.add_row([[5], [6]], 0)
+        t.commit(ROWS)
+        before = [t.device_snapshot(g) for g in range(len(PAGE_SIZES))]
+        shard = t._backend.shards[2]
+        shard.tables[0][3, 1] = 77  # behind the coordinator's back
+        t.append_row([[8], []], victim_row)
+        t.append_row([[9], []], 0)  # shard 0 applies too, then must step back
+        with pytest.raises(sp.ShardFailedError, match="shard 2") as info:
+            t.commit(ROWS)
+        assert info.value.shard == 2 and "checksum" in str(info.value)
+        assert t.epoch == 1
+        assert t._backend.shards[0].epoch == 1  # stepped back
+        # Fail-closed: the table refuses to publish until recovered; recovery rebuilds every
+        # shard from the coordinator's published rows and the pending appends then go out.
+        with pytest.raises(sp.ShardFailedError):
+            t.device_snapshot(0)
+        t.recover()
+        for g, snap in enumerate(before):
+            np.testing.assert_array_equal(t.device_snapshot(g), snap)
+        assert t.commit(ROWS).epoch == 2
+        assert t.device_snapshot(0)[victim_row, :5].tolist() == [1, 2, 3, 8, 0]
+        assert t.device_snapshot(0)[0, :3].tolist() == [5, 9, 0]
+        assert {e for e, _ in t.shard_status()} == {2}
