@@ -1,7 +1,8 @@
 """A plain reference model of ``MultiGroupPageTable`` semantics, used as a test oracle.
 
-The model is written from the spec (``/tmp/team/spec.md`` and ``DESIGN.md``), independently of the
-implementation, with the dullest data structures possible:
+The model is written from the project's design notes (the seed table's semantics and the
+defects it must not repeat, as the README's "Semantics worth knowing" states them),
+independently of the implementation, with the dullest data structures possible:
 
 * ``host[g][r]`` is a Python list holding exactly the valid page ids of row ``r`` in group ``g``
   (its length *is* the row's count; everything past it is ``PAD`` by definition);
@@ -12,8 +13,8 @@ implementation, with the dullest data structures possible:
 The model knows nothing about shards, meshes or backends, so the same model checks a
 ``PageTable`` (one group), a ``MultiGroupPageTable`` and a ``ShardedPageTable``: they share the API.
 
-Validation: ``expected_error(op, *args)`` predicts whether a call is bad, following the spec's
-rules, and returns ``None`` (valid call) or the exception type(s) the call may raise. The spec does
+Validation: ``expected_error(op, *args)`` predicts whether a call is bad, following those
+rules, and returns ``None`` (valid call) or the exception type(s) the call may raise. The rules do
 not fix an order between checks, so when a call has several defects every defect's type is
 acceptable and a tuple is returned (usable with ``isinstance`` and ``pytest.raises``). A
 ``PageTableFullError`` is a ``ValueError``; when a call has another ``ValueError`` defect as well,

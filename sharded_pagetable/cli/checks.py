@@ -5,6 +5,8 @@ They are module-level functions so Ray can ship them by reference.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _MULT = np.uint32(2654435761)
@@ -20,23 +22,29 @@ def host_row_digests(table: np.ndarray) -> np.ndarray:
         return (table.astype(np.uint32) * _weights(table.shape[1])).sum(axis=1, dtype=np.uint32)
 
 
-def row_digests(arrays: list, *_: object) -> list[np.ndarray]:
-    """Per group, ``u32[R]`` row digests of the global device array, computed by one jitted
-    SPMD program across every shard process and replicated to each of them."""
+@functools.lru_cache(maxsize=16)
+def _digest_fn(mesh: object):
+    """The jitted row digest whose result is replicated over ``mesh``; jit then compiles it
+    once per table shape."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    out = []
-    for arr in arrays:
-        replicated = NamedSharding(arr.sharding.mesh, PartitionSpec())
-        weights = jnp.asarray(_weights(arr.shape[1]))
-        fn = jax.jit(
-            lambda x, w: (x.astype(jnp.uint32) * w).sum(axis=1, dtype=jnp.uint32),
-            out_shardings=replicated,
-        )
-        out.append(np.asarray(fn(arr, weights)))
-    return out
+    def digest(x, w):
+        return (x.astype(jnp.uint32) * w).sum(axis=1, dtype=jnp.uint32)
+
+    return jax.jit(digest, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def row_digests(arrays: list, *_: object) -> list[np.ndarray]:
+    """Per group, ``u32[R]`` row digests of the global device array, computed by one jitted
+    SPMD program across every shard process and replicated to each of them."""
+    import jax.numpy as jnp
+
+    return [
+        np.asarray(_digest_fn(arr.sharding.mesh)(arr, jnp.asarray(_weights(arr.shape[1]))))
+        for arr in arrays
+    ]
 
 
 def addressable_rows(arrays: list, *_: object) -> list[list[tuple[int, int, int]]]:

@@ -9,6 +9,7 @@ Commit, recovery and attach are one path for every backend (:mod:`.backend`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -21,60 +22,20 @@ from jax.sharding import Mesh
 
 from ..config import RayOptions, TableConfig
 from ..constants import cdiv
-from ..errors import ShardFailedError, WireFormatError
-from ..routing.layout import ShardLayout
-from ..routing.mesh import build_mesh, row_sharding
-from ..shard import checksum
+from ..errors import ShardFailedError
 from ..shard.checksum import GroupConsts
-from ..shard.messages import Ack, GroupBatch, ShardBatch
-from ..shard.shard import ShardSpec
+from ..shard.messages import Ack, ShardBatch
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
 from ..table.row_ops import MultiGroupRowOps
 from ..table.validation import check_count
 from .backend import Backend, Result
-from .local import LocalBackend
+from .epochs import expected_after, failures, published_states, shard_sums
 from .receipt import CommitReceipt, ShardReceipt
-from .view import GroupView, synchronized
+from .start import check_args, start_backend
+from .view import GroupView, synchronized, when_open
 
 log = logging.getLogger(__name__)
-
-
-def _start_backend(
-    kind: str,
-    mesh: Mesh | Mapping[str, int] | None,
-    *,
-    row_axis: str,
-    max_num_reqs: int,
-    num_shards: int,
-    widths: tuple[int, ...],
-    warmup: bool,
-    ray: RayOptions | Mapping[str, Any] | None,
-    attach: bool,
-) -> tuple[ShardLayout, dict[str, int], Backend]:
-    """Where the shards live: the one place that tells the backends apart."""
-
-    def specs(layout: ShardLayout) -> list[ShardSpec]:
-        return [ShardSpec(s, layout, widths, warmup) for s in range(num_shards)]
-
-    if kind == "local":
-        if mesh is None or isinstance(mesh, Mapping):
-            mesh = build_mesh(mesh, row_axis)
-        layout = ShardLayout(max_num_reqs, num_shards, mesh.shape[row_axis])
-        return layout, dict(mesh.shape), LocalBackend(specs(layout), row_sharding(mesh, row_axis))
-    from ray_actors.backend import RayBackend
-
-    options = RayOptions.from_value(ray)
-    if isinstance(mesh, Mesh):
-        raise ValueError(
-            "backend='ray' builds its mesh inside the shard processes: pass mesh as a "
-            "mapping of axis sizes such as {'data': 8}, not a Mesh"
-        )
-    axes = dict(mesh) if mesh else {row_axis: num_shards * options.devices_per_shard}
-    if row_axis not in axes:
-        raise ValueError(f"row_axis {row_axis!r} is not an axis of the mesh {axes}")
-    layout = ShardLayout(max_num_reqs, num_shards, axes[row_axis])
-    return layout, axes, RayBackend(specs(layout), axes, row_axis, options, attach=attach)
 
 
 class ShardedPageTable(MultiGroupRowOps):
@@ -122,20 +83,15 @@ class ShardedPageTable(MultiGroupRowOps):
         _attach: bool = False,
     ) -> None:
         page_sizes = check_page_sizes(page_sizes)
-        if recover not in ("manual", "auto"):
-            raise ValueError(f"recover must be 'manual' or 'auto', got {recover!r}")
-        if check_count(max_recoveries, 1000, "max_recoveries") < 1:
-            raise ValueError(f"max_recoveries must be positive, got {max_recoveries}")
-        for name, value in (
-            ("max_num_reqs", max_num_reqs),
-            ("max_model_len", max_model_len),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-        ):
-            if check_count(value, 2**31 - 1, name) < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if backend not in ("local", "ray"):
-            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
-        check_count(num_shards, 2**31 - 1, "num_shards")
+        check_args(
+            max_num_reqs=max_num_reqs,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            num_shards=num_shards,
+            backend=backend,
+            recover=recover,
+            max_recoveries=max_recoveries,
+        )
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -151,12 +107,15 @@ class ShardedPageTable(MultiGroupRowOps):
             HostRows(max_num_reqs, w, num_pages, GroupConsts.build(g, w, max_num_reqs))
             for g, w in enumerate(widths)
         ]
-        self._views = [GroupView(self, g) for g in range(len(widths))]
+        self._views = [
+            GroupView(host, max_num_batched_tokens, functools.partial(self._group_array, g))
+            for g, host in enumerate(self._hosts)
+        ]
         self.epoch = 0
         self._failed: ShardFailedError | None = None
         self._backend: Backend | None = None
 
-        self.layout, self.mesh_axes, self._backend = _start_backend(
+        self.layout, self.mesh_axes, self._backend = start_backend(
             backend,
             mesh,
             row_axis=row_axis,
@@ -178,10 +137,7 @@ class ShardedPageTable(MultiGroupRowOps):
     @classmethod
     def from_config(cls, config: TableConfig | str, **overrides: Any) -> ShardedPageTable:
         """Build a table from a :class:`TableConfig` or a YAML file of ``configs/``."""
-        if isinstance(config, str):
-            config = TableConfig.from_yaml(config, **overrides)
-        elif overrides:
-            config = TableConfig.from_dict({**config.__dict__, **overrides})
+        config = TableConfig.resolve(config, **overrides)
         return cls(*config.shape(), **config.kwargs())
 
     @classmethod
@@ -191,10 +147,7 @@ class ShardedPageTable(MultiGroupRowOps):
         The mirror is rebuilt from the shards at the newest epoch every shard can present:
         shards one epoch ahead (a commit the old coordinator never finished) step back.
         """
-        if isinstance(config, str):
-            config = TableConfig.from_yaml(config, **overrides)
-        elif overrides:
-            config = TableConfig.from_dict({**config.__dict__, **overrides})
+        config = TableConfig.resolve(config, **overrides)
         if config.backend != "ray" or not config.ray.detached:
             raise ValueError("attach needs backend: ray with ray.detached: true")
         return cls(*config.shape(), _attach=True, **config.kwargs())
@@ -273,12 +226,7 @@ class ShardedPageTable(MultiGroupRowOps):
                     raise self._failed
                 attempts += 1
                 log.warning(
-                    "shard %d lost at epoch %d (%s); recovering, attempt %d of %d",
-                    self._failed.shard,
-                    self._failed.epoch,
-                    self._failed.reason,
-                    attempts,
-                    self.max_recoveries,
+                    "%s; recovering, attempt %d of %d", self._failed, attempts, self.max_recoveries
                 )
                 try:
                     self.recover()
@@ -318,7 +266,9 @@ class ShardedPageTable(MultiGroupRowOps):
         backend.send(messages)
         # While the shards apply: the terms each row will have and what each shard must report.
         terms = [host.terms_after(b) for host, b in zip(self._hosts, batches, strict=True)]
-        expected = self._expected_after(batches, [delta for _, delta in terms])
+        expected = expected_after(
+            self._expected, batches, [delta for _, delta in terms], self.layout.bounds
+        )
         self._settle(backend, backend.collect(), expected, epoch)
         for host, batch, (new_terms, _) in zip(self._hosts, batches, terms, strict=True):
             host.settle(batch, new_terms)
@@ -331,46 +281,22 @@ class ShardedPageTable(MultiGroupRowOps):
             tuple(ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages)),
         )
 
-    def _expected_after(self, batches: list[GroupBatch], deltas: list[np.ndarray]) -> list[int]:
-        """Each shard's checksum once ``batches`` are applied, from the rows' changes."""
-        expected = list(self._expected)
-        for batch, delta in zip(batches, deltas, strict=True):
-            running = np.zeros(delta.size + 1, np.uint64)
-            np.cumsum(delta, dtype=np.uint64, out=running[1:])
-            cut = np.searchsorted(batch.row, self.layout.bounds).tolist()
-            for s in range(self.num_shards):
-                expected[s] = checksum.add(
-                    expected[s], int(running[cut[s + 1]]) - int(running[cut[s]])
-                )
-        return expected
-
     def _settle(self, backend: Backend, results: list[Result], expected: list[int], epoch: int):
         """Raise (after rolling back every shard that applied) unless every shard confirmed
         ``epoch`` with the checksum expected of it."""
-        failures = _failures(results, expected, epoch, "acked")
-        if not failures:
+        failed = failures(results, expected, epoch, "acked")
+        if not failed:
             return
         applied = [s for s, r in enumerate(results) if isinstance(r, Ack) and r.epoch == epoch]
         rollback = backend.rollback(applied, epoch) if applied else []
         stuck = [s for s, r in zip(applied, rollback, strict=True) if isinstance(r, BaseException)]
-        shard, reason, lost = failures[0]
+        shard, reason, lost = failed[0]
         error = ShardFailedError(shard, epoch, reason + "; nothing was published")
         if lost or stuck:
             self._failed = error
         raise error
 
     # -- recovery --------------------------------------------------------------------------
-
-    def _published_states(self) -> list[ShardBatch | None]:
-        """Full-state batches rebuilding each shard at the published epoch."""
-        if self.epoch == 0:
-            return [None] * self.num_shards
-        out = []
-        for s in range(self.num_shards):
-            rows = self.layout.shard_rows(s)
-            views = [h.published_rows(rows.start, rows.stop) for h in self._hosts]
-            out.append(ShardBatch.full_state(self.epoch, s, *zip(*views, strict=True)))
-        return out
 
     def recover(self) -> float:
         """Replace the shards and rebuild them at the last published epoch.
@@ -385,16 +311,16 @@ class ShardedPageTable(MultiGroupRowOps):
             t0 = time.perf_counter()
             try:
                 backend.restart()
-                results = backend.reseed(self._published_states())
+                results = backend.reseed(published_states(self._hosts, self.layout, self.epoch))
             except ShardFailedError as exc:
                 self._failed = exc
                 raise
             except Exception as exc:
                 self._failed = ShardFailedError(-1, self.epoch, f"restart failed: {exc}")
                 raise self._failed from exc
-            failures = _failures(results, self._expected, self.epoch, "re-seeded to")
-            if failures:
-                shard, reason, _ = failures[0]
+            failed = failures(results, self._expected, self.epoch, "re-seeded to")
+            if failed:
+                shard, reason, _ = failed[0]
                 self._failed = ShardFailedError(shard, self.epoch, reason)
                 raise self._failed
             self._failed = None
@@ -428,19 +354,10 @@ class ShardedPageTable(MultiGroupRowOps):
             for host, group in zip(self._hosts, state.groups, strict=True):
                 host.load(self.layout.shard_rows(s).start, group)
         self.epoch = target
-        self._expected = self._shard_sums()
-        failures = _failures(backend.status(), self._expected, target, "reports after attach")
-        if failures:
-            raise RuntimeError(f"shard {failures[0][0]}: {failures[0][1]}")
-
-    def _shard_sums(self) -> list[int]:
-        """Each shard's checksum, from scratch, from the published rows' terms."""
-        rows = self.layout.rows_per_shard
-        total = np.zeros(self.num_shards, np.uint64)
-        for host in self._hosts:
-            mixed = host.consts.mix[: self.max_num_reqs] * host.terms
-            total += mixed.reshape(self.num_shards, rows).sum(axis=1, dtype=np.uint64)
-        return [int(v) for v in total]
+        self._expected = shard_sums(self._hosts, self.layout)
+        failed = failures(backend.status(), self._expected, target, "reports after attach")
+        if failed:
+            raise RuntimeError(f"shard {failed[0][0]}: {failed[0][1]}")
 
     # -- whole-table operations ----------------------------------------------------------
 
@@ -465,41 +382,12 @@ class ShardedPageTable(MultiGroupRowOps):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _checked_open(method: Callable[..., Any]) -> Callable[..., Any]:
-        def call(self: ShardedPageTable, *args: Any, **kwargs: Any) -> Any:
-            self._open()
-            return method(self, *args, **kwargs)
-
-        call.__name__, call.__doc__ = method.__name__, method.__doc__
-        return synchronized(call)
-
     # Row operations are serialised (scheduler threads may share a table) and refused once
     # the table is closed.
-    append_row = _checked_open(MultiGroupRowOps.append_row)
-    add_row = _checked_open(MultiGroupRowOps.add_row)
-    clear_row = _checked_open(MultiGroupRowOps.clear_row)
-    move_row = _checked_open(MultiGroupRowOps.move_row)
-    swap_row = _checked_open(MultiGroupRowOps.swap_row)
-    append_rows_batch = _checked_open(MultiGroupRowOps.append_rows_batch)
+    append_row = when_open(MultiGroupRowOps.append_row)
+    add_row = when_open(MultiGroupRowOps.add_row)
+    clear_row = when_open(MultiGroupRowOps.clear_row)
+    move_row = when_open(MultiGroupRowOps.move_row)
+    swap_row = when_open(MultiGroupRowOps.swap_row)
+    append_rows_batch = when_open(MultiGroupRowOps.append_rows_batch)
     compute_slot_mapping = synchronized(MultiGroupRowOps.compute_slot_mapping)
-
-
-def _failures(
-    results: Sequence[Result], expected: Sequence[int], epoch: int, verb: str
-) -> list[tuple[int, str, bool]]:
-    """``(shard, reason, shard lost)`` of every result that is not ``(epoch, expected)``."""
-    failures = []
-    for s, res in enumerate(results):
-        if isinstance(res, BaseException):
-            lost = not isinstance(res, WireFormatError)  # a refusal leaves the shard intact
-            failures.append((s, f"{type(res).__name__}: {res}", lost))
-        elif res.epoch != epoch or res.checksum != expected[s]:
-            failures.append(
-                (
-                    s,
-                    f"{verb} epoch {res.epoch} checksum {res.checksum:#x}, expected epoch "
-                    f"{epoch} checksum {expected[s]:#x}",
-                    True,
-                )
-            )
-    return failures

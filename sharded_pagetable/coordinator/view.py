@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
-if TYPE_CHECKING:
-    from .coordinator import ShardedPageTable
+from ..table.host import HostRows
 
 
 def synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -25,28 +24,47 @@ def synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class GroupView:
-    """``t[g]`` of a sharded table: host reads come from the coordinator's mirror."""
+    """``t[g]`` of a sharded table: host reads come from the coordinator's mirror.
 
-    def __init__(self, table: ShardedPageTable, group: int) -> None:
-        self._table = table
-        self._group = group
-        host = table._hosts[group]
+    Args:
+      host: the group's mirror.
+      max_num_batched_tokens: the table's token budget (the seed's attribute).
+      device_tensor: returns the group's committed global array, where the driver has it.
+    """
+
+    def __init__(
+        self, host: HostRows, max_num_batched_tokens: int, device_tensor: Callable[[], jax.Array]
+    ) -> None:
+        self._host = host
+        self._device_tensor = device_tensor
         self.max_num_reqs = host.num_rows
         self.max_num_pages_per_req = host.capacity
-        self.max_num_batched_tokens = table.max_num_batched_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
 
     @property
     def page_table_cpu(self) -> np.ndarray:  # i32[R, P]
-        return self._table._hosts[self._group].table
+        return self._host.table
 
     @property
     def num_pages_per_row(self) -> np.ndarray:  # i32[R]
-        return self._table._hosts[self._group].counts
+        return self._host.counts
 
     def get_cpu_tensor(self) -> np.ndarray:
-        return self.page_table_cpu
+        return self._host.table
 
     def get_device_tensor(self) -> jax.Array:
         """The group's global array (``backend="local"`` only: elsewhere it lives in the shard
         processes; use ``run_on_shards`` or ``device_snapshot``)."""
-        return self._table._group_array(self._group)
+        return self._device_tensor()
+
+
+def when_open(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``synchronized(method)`` that first refuses a closed table (a row op after
+    ``close()`` must not change a mirror nobody will publish)."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._open()
+        return method(self, *args, **kwargs)
+
+    return synchronized(call)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..constants import OP_APPEND, OP_CLEAR, OP_SET, PAGE_TABLE_PADDING_VAL
 from .checksum import C_COUNT, GroupConsts
-from .wire import GroupBatch
+from .messages import GroupBatch
 
 assert PAGE_TABLE_PADDING_VAL == 0, "the apply kernel writes 0 as padding"
 

@@ -1,0 +1,82 @@
+"""What an epoch is to the coordinator: what each shard must report, who did not, and the
+full state that rebuilds a shard at it.
+
+Pure functions over the mirror (its published rows and checksum terms) and the shards'
+answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import WireFormatError
+from ..routing.layout import ShardLayout
+from ..shard import checksum
+from ..shard.messages import GroupBatch, ShardBatch
+from ..table.host import HostRows
+from .backend import Result
+
+
+def expected_after(
+    expected: Sequence[int],
+    batches: Sequence[GroupBatch],
+    deltas: Sequence[np.ndarray],
+    bounds: np.ndarray,
+) -> list[int]:
+    """Each shard's checksum once ``batches`` (global rows) are applied, from ``expected``
+    and every row's change ``deltas`` (``HostRows.terms_after``); ``bounds`` are the shards'
+    first rows (``ShardLayout.bounds``)."""
+    out = list(expected)
+    for batch, delta in zip(batches, deltas, strict=True):
+        running = np.zeros(delta.size + 1, np.uint64)
+        np.cumsum(delta, dtype=np.uint64, out=running[1:])
+        cut = np.searchsorted(batch.row, bounds).tolist()
+        for s in range(len(out)):
+            out[s] = checksum.add(out[s], int(running[cut[s + 1]]) - int(running[cut[s]]))
+    return out
+
+
+def published_states(
+    hosts: Sequence[HostRows], layout: ShardLayout, epoch: int
+) -> list[ShardBatch | None]:
+    """Full-state batches rebuilding each shard at the published ``epoch`` (None at 0)."""
+    if epoch == 0:
+        return [None] * layout.num_shards
+    out = []
+    for s in range(layout.num_shards):
+        rows = layout.shard_rows(s)
+        views = [h.published_rows(rows.start, rows.stop) for h in hosts]
+        out.append(ShardBatch.full_state(epoch, s, *zip(*views, strict=True)))
+    return out
+
+
+def shard_sums(hosts: Sequence[HostRows], layout: ShardLayout) -> list[int]:
+    """Each shard's checksum from scratch, from the published rows' terms."""
+    total = np.zeros(layout.num_shards, np.uint64)
+    for host in hosts:
+        mixed = host.consts.mix[: layout.max_num_reqs] * host.terms
+        total += mixed.reshape(layout.num_shards, -1).sum(axis=1, dtype=np.uint64)
+    return [int(v) for v in total]
+
+
+def failures(
+    results: Sequence[Result], expected: Sequence[int], epoch: int, verb: str
+) -> list[tuple[int, str, bool]]:
+    """``(shard, reason, shard lost)`` of every result that is not ``(epoch, expected)``."""
+    failures = []
+    for s, res in enumerate(results):
+        if isinstance(res, BaseException):
+            lost = not isinstance(res, WireFormatError)  # a refusal leaves the shard intact
+            failures.append((s, f"{type(res).__name__}: {res}", lost))
+        elif res.epoch != epoch or res.checksum != expected[s]:
+            failures.append(
+                (
+                    s,
+                    f"{verb} epoch {res.epoch} checksum {res.checksum:#x}, expected epoch "
+                    f"{epoch} checksum {expected[s]:#x}",
+                    True,
+                )
+            )
+    return failures
