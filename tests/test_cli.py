@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_config import alias_bomb
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "configs/local.yaml"
@@ -115,6 +116,38 @@ def test_bad_config_key_is_a_one_line_error(tmp_path):
     res = run("info", "--config", str(bad), timeout=120)
     assert res.returncode == 2
     assert "unknown config key bogus" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (lambda local: local + "ray:\n\ttimeout_s: 5\n", ", line 11: YAML syntax error"),
+        (lambda local: alias_bomb(), ", line 1: a: YAML anchors and aliases are not allowed"),
+        (lambda local: local + "num_shards: 2\n", "duplicate key num_shards (first at line 6)"),
+        (lambda local: local.replace("{data: 8}", "{data: 1000000}"), "mesh.data must be"),
+        (lambda local: local + "ray: {timeout_s: .nan}\n", "ray.timeout_s must be"),
+        (lambda local: local.replace(": 1024", ": 1020"), "max_num_reqs=1020 does not divide"),
+        (lambda local: local.encode() + b"row_axis: \xff\n", ", line 10: not UTF-8 text"),
+    ],
+    ids=["syntax", "alias-bomb", "duplicate-key", "out-of-range", "nan", "rows", "not-utf8"],
+)
+def test_every_bad_config_is_one_line_and_exit_2(tmp_path, body, says):
+    bad = tmp_path / "bad.yaml"
+    text = body((REPO / LOCAL).read_text())
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+    res = run("info", "--config", str(bad), timeout=120)
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"error: bad config {bad}: "), res.stderr
+    assert says in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_unreadable_config_is_one_line_and_exit_2(tmp_path):
+    res = run("info", "--config", str(tmp_path), timeout=120)  # a directory
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"error: cannot read config file {tmp_path}: "), res.stderr
 
 
 def test_bad_arguments_are_usage_errors():

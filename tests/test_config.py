@@ -3,6 +3,9 @@ and a local config builds a working ``ShardedPageTable``."""
 
 from __future__ import annotations
 
+import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +244,216 @@ def test_config_is_frozen() -> None:
     cfg = TableConfig.from_dict(BASE)
     with pytest.raises(AttributeError):
         cfg.num_shards = 2  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def refused_quickly(load: Callable[[], object], key: str) -> str:
+    """``load()`` raises ``ConfigError`` naming ``key`` in one short line, within 1 s and
+    100 MB (traced allocations); returns the message."""
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError) as info:
+            load()
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    msg = str(info.value)
+    assert elapsed < 1.0, f"took {elapsed:.2f}s: {msg}"
+    assert peak < 100 * 2**20, f"peak {peak / 2**20:.0f} MB: {msg}"
+    assert key in msg, msg
+    assert "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "bad.yaml") -> str:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def alias_bomb() -> str:
+    """The "billion laughs": 9 levels of 9 aliases, 9**9 (387 million) strings expanded."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in "bcdefghi":
+        below = chr(ord(level) - 1)
+        lines.append(f"{level}: &{level} [{', '.join([f'*{below}'] * 9)}]")
+    return "\n".join(lines) + "\nray: {timeout_s: *i}\n"
+
+
+def test_alias_bomb_is_refused_at_its_first_anchor(tmp_path) -> None:
+    bomb = alias_bomb()
+    assert 420 <= len(bomb.encode()) <= 460  # the measured file was 440 bytes
+    path = write(tmp_path, bomb)
+    msg = refused_quickly(lambda: TableConfig.from_yaml(path), "line 1: a: ")
+    assert "anchors and aliases are not allowed" in msg and path in msg
+
+
+_HEAD = "max_num_reqs: 64\nmax_model_len: 256\nmax_num_batched_tokens: 128\n"
+_BASE_TEXT = _HEAD + "page_sizes: [16]\n"  # lines 1-4
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("page_sizes: [16]\nray:\n  timeout_s: &t 5\n", "line 6: ray.timeout_s: "),
+        ("page_sizes: [16]\nray: {timeout_s: *undefined}\n", "line 5: ray.timeout_s: "),
+        ("page_sizes: &p [16, 64]\n", "line 4: page_sizes: "),
+        ("page_sizes: [16, &p 64]\n", "line 4: page_sizes[1]: "),
+        ("page_sizes: [16]\n&k row_axis: data\n", "line 5: the document: "),
+    ],
+)
+def test_anchors_and_aliases_are_refused_naming_key_and_line(tmp_path, text, key) -> None:
+    path = write(tmp_path, _HEAD + text)
+    msg = refused_quickly(lambda: TableConfig.from_yaml(path), key)
+    assert "anchors and aliases are not allowed" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("max_num_reqs: 128\n", "line 5: duplicate key max_num_reqs (first at line 1)"),
+        ("'max_num_reqs': 128\n", "duplicate key max_num_reqs"),
+        ("ray:\n  timeout_s: 5\n  timeout_s: 6\n", "line 7: duplicate key ray.timeout_s"),
+        ("mesh: {data: 4, data: 8}\n", "line 5: duplicate key mesh.data"),
+        ("ray: {<<: {timeout_s: 5}, timeout_s: 6}\n", "line 5: ray: YAML merge keys"),
+    ],
+)
+def test_duplicate_and_merge_keys_are_refused(tmp_path, text, key) -> None:
+    path = write(tmp_path, _BASE_TEXT + text)
+    refused_quickly(lambda: TableConfig.from_yaml(path), key)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("ray: [\n", "line 6: YAML syntax error"),
+        ("ray:\n timeout_s: 5\n  placement: pack\n", "line 7: YAML syntax error"),
+        ("ray:\n\ttimeout_s: 5\n", "line 6: YAML syntax error"),
+        ('row_axis: "data\n', "line 6: YAML syntax error"),
+        ("---\nmax_num_reqs: 8\n", "line 5: YAML syntax error"),  # a second document
+        ("ray: !!python/object:os.system {}\n", "line 5: YAML syntax error"),
+        ("? [1, 2]\n: 3\n", "line 5: YAML syntax error"),
+        ("num_pages: " + "9" * 5000 + "\n", "bad value"),  # past Python's int str limit
+        ("ray: {timeout_s: 2001-13-45}\n", "bad value"),  # a timestamp that is no date
+        ("mesh: " + "[" * 20 + "]" * 20 + "\n", "line 5: mesh[0][0]"),  # nested too deep
+    ],
+)
+def test_bad_yaml_is_a_config_error_naming_file_and_line(tmp_path, text, where) -> None:
+    path = write(tmp_path, _BASE_TEXT + text)
+    msg = refused_quickly(lambda: TableConfig.from_yaml(path), where)
+    assert msg.startswith(f"config file {path}"), msg
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        (_BASE_TEXT.encode() + b"row_axis: \xff\xfe\n", "line 5: not UTF-8 text"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not UTF-8 text"),
+        (_BASE_TEXT.encode() + b"row_axis: da\x00ta\n", "line 5: not YAML text"),
+        (_BASE_TEXT.encode() + b"#" * (1 << 16), "larger than 65536 bytes"),
+    ],
+    ids=["bad-utf8", "png", "nul", "too-big"],
+)
+def test_binary_and_oversized_files_are_config_errors(tmp_path, data, where) -> None:
+    path = write(tmp_path, data)
+    refused_quickly(lambda: TableConfig.from_yaml(path), where)
+
+
+BAD_RANGE = [
+    # (key named in the message, changes to BASE): values the old checks accepted
+    ("ray.timeout_s", {"ray": {"timeout_s": float("nan")}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": float("inf")}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": 1e12}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": 86400.5}}),
+    ("ray.timeout_s", {"ray": {"timeout_s": 10**5000}}),
+    ("ray.cpus_per_shard", {"ray": {"cpus_per_shard": float("nan")}}),
+    ("ray.cpus_per_shard", {"ray": {"cpus_per_shard": float("inf")}}),
+    ("ray.cpus_per_shard", {"ray": {"cpus_per_shard": 1e9}}),
+    ("ray.devices_per_shard", {"ray": {"devices_per_shard": 1_000_000}}),
+    ("ray.devices_per_shard", {"ray": {"devices_per_shard": 4097}}),
+    (
+        "ray.devices_per_shard",
+        {"backend": "ray", "num_shards": 64, "ray": {"devices_per_shard": 128}},
+    ),
+    ("max_num_reqs", {"max_num_reqs": 2**40}),
+    ("max_num_reqs", {"max_num_reqs": 2**31}),
+    ("max_model_len", {"max_model_len": 2**31}),
+    ("max_num_batched_tokens", {"max_num_batched_tokens": 2**40}),
+    ("num_shards", {"num_shards": 4097, "max_num_reqs": 8192}),
+    ("num_shards must be at most max_num_reqs=64", {"num_shards": 128}),
+    ("page_sizes[0]", {"page_sizes": [2**31]}),
+    ("page_sizes", {"page_sizes": [16] * 65}),
+    ("page_sizes[0]=1", {"max_num_reqs": 2**20, "max_model_len": 2**20, "page_sizes": [1]}),
+    ("num_pages", {"num_pages": 2**31 + 1}),
+    ("num_pages", {"num_pages": 2**40}),
+    ("mesh.data", {"mesh": {"data": 5000}}),
+    ("mesh", {"mesh": {"data": 64, "model": 128}}),
+    ("mesh axis names", {"mesh": {"data": 8, 1: 2}}),
+    ("max_recoveries", {"max_recoveries": 10**6}),
+    ("max_recoveries", {"max_recoveries": 0}),
+    ("max_num_reqs=60", {"max_num_reqs": 60, "mesh": {"data": 8}}),
+    ("num_shards=3", {"num_shards": 3, "mesh": {"data": 8}}),
+    ("max_num_reqs=60", {"max_num_reqs": 60, "backend": "ray", "num_shards": 4}),
+]
+
+
+@pytest.mark.parametrize(("key", "change"), BAD_RANGE, ids=[k for k, _ in BAD_RANGE])
+def test_out_of_range_value_is_refused_naming_key(key: str, change: dict, tmp_path) -> None:
+    data = {**BASE, **change}
+    refused_quickly(lambda: TableConfig.from_dict(data), key)
+    try:
+        text = yaml.safe_dump(data)
+    except (yaml.YAMLError, ValueError):  # 10**5000 has no str()
+        return
+    path = write(tmp_path, text)
+    refused_quickly(lambda: TableConfig.from_yaml(path), key)
+
+
+@pytest.mark.parametrize(
+    "text", ["timeout_s: .nan", "timeout_s: .inf", "timeout_s: -.inf", "timeout_s: 1.0e+12"]
+)
+def test_timeout_literals_from_the_issue(text: str, tmp_path) -> None:
+    path = write(tmp_path, _BASE_TEXT + f"ray: {{{text}}}\n")
+    refused_quickly(lambda: TableConfig.from_yaml(path), "ray.timeout_s must be a finite number")
+
+
+def test_limits_themselves_are_accepted() -> None:
+    cfg = TableConfig.from_dict(
+        {
+            **BASE,
+            "max_num_reqs": 4096,
+            "num_shards": 4096,
+            "mesh": {"data": 4096},
+            "num_pages": 2**31,
+            "max_recoveries": 1000,
+            "ray": {"timeout_s": 86400, "devices_per_shard": 4096, "cpus_per_shard": 1024.0},
+        }
+    )
+    assert cfg.num_pages == 2**31 and cfg.ray.timeout_s == 86400
+    assert TableConfig.from_dict({**BASE, "ray": {"timeout_s": 0.001}}).ray.timeout_s == 0.001
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"row_axis": "r" * 1_000_000, "mesh": {"data": 8}}, "row_axis"),
+        ({"page_sizes": ["x" * 1_000_000]}, "page_sizes[0]"),
+        ({"page_sizes": list(range(1_000_000))}, "page_sizes"),
+        ({"ray": {"platform": ["gpu"] * 1_000_000}}, "ray.platform"),
+        ({"ray": {"y" * 1_000_000: 1}}, "unknown config key ray."),
+        ({"mesh": {"data": 10**5000}}, "mesh.data"),
+    ],
+    ids=["long-str", "long-item", "long-list", "long-choice", "long-key", "huge-int"],
+)
+def test_messages_stay_short_for_huge_values(change: dict, key: str) -> None:
+    refused_quickly(lambda: TableConfig.from_dict({**BASE, **change}), key)
 
 
 # --------------------------------------------------------------------------- build

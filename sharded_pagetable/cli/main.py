@@ -39,6 +39,8 @@ def _load(path: str, overrides: dict):
         config = TableConfig.from_yaml(path, **overrides)
     except FileNotFoundError:
         raise _BadConfig(f"config file not found: {path}") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise _BadConfig(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except ConfigError as exc:
         raise _BadConfig(f"bad config {path}: {exc}") from None
     _prepare_jax(config)
@@ -272,5 +274,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _BadConfig as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)  # one line
         return 2
