@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from ..serving.slot_mapping import compute_slot_mapping
 from .host import HostRows, PageIds
-from .validation import check_index, group_lists
+from .validation import check_index, check_list, group_lists
 
 
 class MultiGroupRowOps:
@@ -81,6 +81,8 @@ class MultiGroupRowOps:
 
         A row named twice receives both appends in order; capacity is checked for the total.
         """
+        page_ids_per_req = check_list(page_ids_per_req, "page_ids_per_req")
+        req_indices = check_list(req_indices, "req_indices")
         if len(page_ids_per_req) != len(req_indices):
             raise ValueError(
                 f"append_rows_batch got {len(page_ids_per_req)} page-id lists for "

@@ -6,6 +6,7 @@ Nothing here mutates state; callers validate a whole call first and only then wr
 from __future__ import annotations
 
 import numbers
+import reprlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,13 +15,67 @@ from ..constants import MAX_PAGE_ID
 from ..errors import PageTableFullError
 
 _EMPTY = np.empty(0, dtype=np.int32)
+_EMPTY.flags.writeable = False  # shared by every empty call
+# Sequences of characters or bytes, never of page ids or rows (a bytearray's items are ints).
+_BYTE_STRINGS = (str, bytes, bytearray, memoryview)
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 8
+
+
+def describe(value: object) -> str:
+    """A bounded repr of ``value`` for an error message: a caller's huge list or string must
+    not make the message (or the time to build it) huge."""
+    return _REPR.repr(value)
+
+
+def _not_an_int(value: object) -> bool:
+    return isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral)
+
+
+def plain_array(value: np.ndarray, what: str) -> np.ndarray:
+    """``value`` as a plain ``np.ndarray`` over the same memory, so no subclass method
+    (``min``, ``astype``, iteration) decides what its values are.
+
+    Masked arrays are refused: ``min()``/``max()`` skip masked entries and a cast keeps
+    whatever the data buffer holds there, which is how -7 and ``2**40 + 7`` (stored as 7)
+    once got past the range check.
+    """
+    if isinstance(value, np.ma.MaskedArray):
+        raise ValueError(
+            f"{what} must not be a masked array (masked entries have no value; pass "
+            f"arr.filled(...) or a plain array), got {describe(value)}"
+        )
+    return value if type(value) is np.ndarray else value.view(np.ndarray)
+
+
+def check_list(value: object, what: str) -> Sequence | np.ndarray:
+    """``value`` if it is a list one can measure and index twice: a sequence that is not a
+    string, or a plain array of at least one dimension.
+
+    Generators and iterators (one pass, no length), sets and dicts (no order, or keys read
+    as items), strings, masked and 0-d arrays raise ``ValueError``.
+    """
+    if type(value) is list:
+        return value
+    if isinstance(value, np.ndarray):
+        arr = plain_array(value, what)
+        if arr.ndim == 0:
+            raise ValueError(f"{what} must be a list, got a 0-d array {describe(value)}")
+        return arr
+    if isinstance(value, _BYTE_STRINGS) or not isinstance(value, Sequence):
+        raise ValueError(f"{what} must be a list, got {type(value).__name__} {describe(value)}")
+    return value
 
 
 def check_index(value: object, size: int, what: str = "row") -> int:
     """Return ``value`` as an int in ``[0, size)``; ``IndexError`` if outside, ``ValueError`` if
-    it is not an integer (bools and floats are refused, negatives never wrap)."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    it is not an integer (bools, floats and 0-d arrays are refused, negatives never wrap)."""
+    if _not_an_int(value):
+        raise ValueError(
+            f"{what} must be an integer, got {describe(value)} ({type(value).__name__})"
+        )
     idx = int(value)
     if not 0 <= idx < size:
         raise IndexError(f"{what} {idx} is out of range: valid {what}s are 0..{size - 1}")
@@ -28,9 +83,12 @@ def check_index(value: object, size: int, what: str = "row") -> int:
 
 
 def check_count(value: object, upper: int, what: str) -> int:
-    """Return ``value`` as an int in ``[0, upper]`` or raise ``ValueError``."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    """Return ``value`` as an int in ``[0, upper]`` or raise ``ValueError`` (the same types
+    as :func:`check_index`)."""
+    if _not_an_int(value):
+        raise ValueError(
+            f"{what} must be an integer, got {describe(value)} ({type(value).__name__})"
+        )
     n = int(value)
     if not 0 <= n <= upper:
         raise ValueError(f"{what}={n} is out of range: allowed 0..{upper}")
@@ -38,41 +96,54 @@ def check_count(value: object, upper: int, what: str) -> int:
 
 
 def page_id_array(page_ids: object, num_pages: int | None) -> np.ndarray:
-    """Convert one row's page ids to ``i32[n]``, refusing anything that is not an exact id.
+    """Convert one row's page ids to a new ``i32[n]``, refusing anything that is not an exact id.
 
-    Accepts a sequence of Python ints or an integer numpy array. Floats (even integral ones),
-    bools, strings, nested lists and ids outside ``[0, 2**31)`` (or ``[0, num_pages)``) raise
-    ``ValueError``.
+    Accepts a sequence of integers (Python or numpy) or a 1-D integer numpy array, strided
+    views included. Floats (even integral ones), bools, strings, nested lists, masked, object
+    and 0-d arrays, iterators and ids outside ``[0, 2**31)`` (or ``[0, num_pages)``) raise
+    ``ValueError``. The ids are copied before they are checked, so a caller's later write to
+    its own array cannot change what was validated.
     """
     if isinstance(page_ids, np.ndarray):
-        arr = page_ids
-        if arr.ndim != 1:
-            raise ValueError(f"page ids must be one-dimensional, got shape {arr.shape}")
-        if arr.size == 0:
+        ids = _array_ids(page_ids)
+        if ids.size == 0:
             return _EMPTY
-        if arr.dtype.kind not in "iu":
-            raise ValueError(f"page ids must be integers, got dtype {arr.dtype}")
-    elif isinstance(page_ids, Sequence) and not isinstance(page_ids, str | bytes):
-        if len(page_ids) == 0:
+        lo, hi = int(ids.min()), int(ids.max())  # exact for every integer dtype
+    elif isinstance(page_ids, Sequence) and not isinstance(page_ids, _BYTE_STRINGS):
+        ids = int_items(page_ids, "page ids")
+        if not ids:
             return _EMPTY
-        for pid in page_ids:
-            if isinstance(pid, bool | np.bool_) or not isinstance(pid, numbers.Integral):
-                raise ValueError(f"page ids must be integers, got {pid!r} ({type(pid).__name__})")
-        try:
-            arr = np.asarray(page_ids, dtype=np.int64)
-        except OverflowError:
-            bad = max(page_ids, key=lambda p: abs(int(p)))
-            raise ValueError(f"page id {bad} is out of range: allowed 0..{MAX_PAGE_ID}") from None
+        lo, hi = min(ids), max(ids)
     else:
         raise ValueError(
-            f"page ids must be a list or 1-D integer array, got {type(page_ids).__name__}"
+            f"page ids must be a list or 1-D integer array, got {type(page_ids).__name__} "
+            f"{describe(page_ids)}"
         )
     limit = MAX_PAGE_ID if num_pages is None else num_pages - 1
-    lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi > limit:
         bad = lo if lo < 0 else hi
         raise ValueError(f"page id {bad} is out of range: allowed 0..{limit}")
-    return arr.astype(np.int32, copy=False)
+    return np.array(ids, dtype=np.int32)  # every id is in range: the cast is exact
+
+
+def _array_ids(page_ids: np.ndarray) -> np.ndarray:
+    """A contiguous copy of a 1-D integer array (any integer dtype, values unchecked)."""
+    arr = plain_array(page_ids, "page ids")
+    if arr.ndim != 1:
+        raise ValueError(f"page ids must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"page ids must be integers, got dtype {arr.dtype}: {describe(page_ids)}")
+    return arr.copy()
+
+
+def int_items(values: Sequence, what: str) -> list[int]:
+    """The items of a sequence as Python ints, read in one pass (bools and anything that is
+    not an integer raise ``ValueError``; values are not range-checked)."""
+    items = list(values)
+    for v in items:
+        if _not_an_int(v):
+            raise ValueError(f"{what} must be integers, got {describe(v)} ({type(v).__name__})")
+    return [int(v) for v in items]
 
 
 def check_capacity(row: int, count: int, extra: int, capacity: int) -> None:
@@ -84,10 +155,9 @@ def check_capacity(row: int, count: int, extra: int, capacity: int) -> None:
         )
 
 
-def group_lists(page_ids: object, num_groups: int) -> Sequence:
+def group_lists(page_ids: object, num_groups: int) -> Sequence | np.ndarray:
     """Check the outer ``[group]`` level of a ``[group][pages]`` argument."""
-    if isinstance(page_ids, str | bytes) or not isinstance(page_ids, Sequence | np.ndarray):
-        raise ValueError(f"page ids must be a list with one entry per group, got {page_ids!r}")
+    page_ids = check_list(page_ids, "page ids (one list per KV-cache group)")
     if len(page_ids) != num_groups:
         raise ValueError(
             f"page ids name {len(page_ids)} groups but the table has {num_groups} KV-cache groups"
