@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -24,6 +25,60 @@ def start_local(namespace: str | None = None, num_cpus: int | None = None) -> No
         log_to_driver=False,
         configure_logging=False,
     )
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), to tell it from
+    a later process that reuses the pid; None where ``/proc`` cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22, after the comm field
+
+
+def reap(placements: list[dict], grace_s: float = 1.0, timeout_s: float = 10.0) -> list[int]:
+    """Make sure the shard processes of ``placements`` that run on this node are gone: wait
+    ``grace_s`` for them to exit after Ray was told to kill them, then SIGKILL the ones that
+    are still the processes recorded there (a stopped or hung process ignores Ray's polite
+    kill for seconds and keeps its devices), and wait until they are gone. Returns the pids
+    that had to be killed."""
+    import signal
+    import time
+
+    node = ray.get_runtime_context().get_node_id()
+    mine = [
+        (w["pid"], w["start_ticks"])
+        for w in placements
+        if w.get("node_id") == node and w.get("pid") and w.get("start_ticks") is not None
+    ]
+
+    def running(pid: int, ticks: int) -> bool:
+        return process_start_ticks(pid) == ticks and not _is_zombie(pid)
+
+    deadline = time.monotonic() + grace_s
+    while any(running(*m) for m in mine) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed = []
+    for pid, ticks in mine:
+        if running(pid, ticks):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    deadline = time.monotonic() + timeout_s
+    while any(running(*m) for m in mine) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return killed
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] == b"Z"
 
 
 def connect(address: str | None, namespace: str) -> bool:

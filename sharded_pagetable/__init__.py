@@ -7,7 +7,14 @@ from .config import RayOptions, TableConfig
 from .constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL, SLOT_MAPPING_PADDING_VAL, cdiv
 from .coordinator.coordinator import ShardedPageTable
 from .coordinator.receipt import CommitReceipt, ShardReceipt
-from .errors import ConfigError, PageTableFullError, ShardFailedError, WireFormatError
+from .errors import (
+    ConfigError,
+    FencedError,
+    PageTableFullError,
+    RunOnShardsError,
+    ShardFailedError,
+    WireFormatError,
+)
 from .routing.layout import ShardLayout
 from .table.page_table import MultiGroupPageTable, PageTable
 
@@ -17,10 +24,12 @@ __all__ = [
     "SLOT_MAPPING_PADDING_VAL",
     "CommitReceipt",
     "ConfigError",
+    "FencedError",
     "MultiGroupPageTable",
     "PageTable",
     "PageTableFullError",
     "RayOptions",
+    "RunOnShardsError",
     "ShardFailedError",
     "ShardLayout",
     "ShardReceipt",

@@ -145,7 +145,7 @@ def test_refused_batch_rolls_back_every_shard_and_manual_recover_restores(local_
             t.add_row([[s + 1, s + 2], [s]], s * rps)
         first = t.commit(ROWS)
         before = [t.device_snapshot(g) for g in range(2)]
-        ray.get(t._backend.actors[2].reseed.remote(None), timeout=30)  # shard 2 forgets
+        ray.get(t._backend.actors[2].reseed.remote(None, t.generation), timeout=30)  # forgets
         for s in range(4):
             t.append_row([[40 + s], [50 + s]], s * rps)
         with pytest.raises(sp.ShardFailedError, match="shard 2") as info:

@@ -66,12 +66,12 @@ def model() -> ReferenceModel:
     return ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
 
 
-def append_page_message(epoch: int, held: int, page: int) -> bytes:
-    """Shard 0's wire message for ``epoch + 1``: append ``page`` to its local row 0 (holding
-    ``held`` pages) in group 0, nothing in group 1."""
+def append_page_message(epoch: int, held: int, page: int, generation: int) -> bytes:
+    """Shard 0's wire message for ``epoch + 1`` from coordinator ``generation``: append
+    ``page`` to its local row 0 (holding ``held`` pages) in group 0, nothing in group 1."""
     append = GroupBatch(*(np.array([v], np.int32) for v in (OP_APPEND, 0, held, held + 1, page)))
     empty = GroupBatch(*(np.empty(0, np.int32) for _ in range(5)))
-    return encode(ShardBatch(epoch + 1, epoch, 0, (append, empty)))
+    return encode(ShardBatch(epoch + 1, epoch, 0, (append, empty), generation))
 
 
 def assert_published(table: sp.ShardedPageTable, ref: ReferenceModel) -> None:
@@ -128,7 +128,7 @@ def test_resent_epoch_is_acknowledged_not_applied_twice(local_ray):
         t.commit(ROWS)
         actor = t._backend.actors[0]
         epoch, checksum = t.shard_status()[0]
-        message = append_page_message(epoch, held=2, page=9)
+        message = append_page_message(epoch, held=2, page=9, generation=t.generation)
         first = decode_reply(ray.get(actor.apply.remote(message), timeout=30), 2)
         again = decode_reply(ray.get(actor.apply.remote(message), timeout=30), 2)
         assert first.applied and not again.applied
@@ -150,7 +150,7 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
         tab.add_row([[9], [10, 11]], 20)
         tab.commit(ROWS)
     epoch = t.epoch
-    message = append_page_message(epoch, held=3, page=99)
+    message = append_page_message(epoch, held=3, page=99, generation=t.generation)
     assert (
         decode_reply(ray.get(t._backend.actors[0].apply.remote(message), timeout=30), 2).epoch
         == epoch + 1

@@ -31,16 +31,19 @@ class Backend(Protocol):
     def collect(self) -> list[Result]:
         """Every shard's answer to the batches of the last :meth:`send`."""
 
-    def rollback(self, shards: Sequence[int], epoch: int) -> list[Result]:
+    def fence(self, generation: int) -> list[Result]:
+        """Make every shard obey coordinator ``generation`` (and refuse older ones)."""
+
+    def rollback(self, shards: Sequence[int], epoch: int, generation: int) -> list[Result]:
         """Ask ``shards`` to step back from ``epoch``."""
 
     def status(self) -> list[Ack]:
-        """The epoch and checksum every shard holds now."""
+        """The epoch, checksum and obeyed generation of every shard now."""
 
-    def reseed(self, states: Sequence[ShardBatch | None]) -> list[Result]:
+    def reseed(self, states: Sequence[ShardBatch | None], generation: int) -> list[Result]:
         """Rebuild every shard from a full-state batch (None: empty)."""
 
-    def export(self) -> list[ShardBatch | None]:
+    def export(self, generation: int) -> list[ShardBatch | None]:
         """Every shard's rows as a full-state batch at its epoch."""
 
     def restart(self) -> None:

@@ -22,15 +22,16 @@ from jax.sharding import Mesh
 
 from ..config import RayOptions, TableConfig
 from ..constants import cdiv
-from ..errors import ShardFailedError
+from ..errors import FencedError, ShardFailedError
 from ..shard.checksum import GroupConsts
 from ..shard.messages import Ack, ShardBatch
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
 from ..table.row_ops import MultiGroupRowOps
-from ..table.validation import check_count
+from ..table.validation import check_count, check_index
+from .attach import adopt
 from .backend import Backend, Result
-from .epochs import expected_after, failures, published_states, shard_sums
+from .epochs import expected_after, failures, new_generation, published_states
 from .receipt import CommitReceipt, ShardReceipt
 from .start import check_args, start_backend
 from .view import GroupView, synchronized, when_open
@@ -113,8 +114,7 @@ class ShardedPageTable(MultiGroupRowOps):
         ]
         self.epoch = 0
         self._failed: ShardFailedError | None = None
-        self._backend: Backend | None = None
-
+        self._fenced: FencedError | None = None
         self.layout, self.mesh_axes, self._backend = start_backend(
             backend,
             mesh,
@@ -127,12 +127,21 @@ class ShardedPageTable(MultiGroupRowOps):
             attach=_attach,
         )
         self._expected = [0] * num_shards  # u64 checksum each shard must report
-        if _attach:
-            try:
-                self._adopt()
-            except BaseException:
-                self._backend.detach()
-                raise
+        try:
+            # A generation above every one the shards obeyed: an attach takes the table over.
+            self.generation = new_generation(max(a.generation for a in self._backend.status()))
+            self._fence(self._backend)
+            if _attach:
+                self.epoch, self._expected = adopt(
+                    self._backend, self._hosts, self.layout, self.generation
+                )
+        except BaseException:
+            backend, self._backend = self._backend, None
+            if _attach:  # only shards this coordinator created may be stopped
+                backend.detach()
+            else:
+                backend.close(clean=False)
+            raise
 
     @classmethod
     def from_config(cls, config: TableConfig | str, **overrides: Any) -> ShardedPageTable:
@@ -171,12 +180,11 @@ class ShardedPageTable(MultiGroupRowOps):
 
     def _live_backend(self) -> Backend:
         backend = self._open()
+        if self._fenced is not None:
+            raise self._fenced
         if self._failed is not None:
-            raise ShardFailedError(
-                self._failed.shard,
-                self._failed.epoch,
-                f"the table is fail-closed after an earlier failure ({self._failed.reason})",
-            )
+            why = f"the table is fail-closed after an earlier failure ({self._failed.reason})"
+            raise ShardFailedError(self._failed.shard, self._failed.epoch, why)
         return backend
 
     @synchronized  # a commit in another thread would donate the buffers under us
@@ -185,16 +193,16 @@ class ShardedPageTable(MultiGroupRowOps):
 
     def device_snapshot(self, group: int) -> np.ndarray:
         """``i32[R, P]`` numpy copy of group ``group``'s committed device table."""
-        if not 0 <= group < len(self._hosts):
-            raise IndexError(f"group {group} is out of range: valid 0..{len(self._hosts) - 1}")
+        group = check_index(group, len(self._hosts), "group")
         return self._read(lambda backend: backend.device_snapshot(group))
 
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Run ``fn(list_of_group_arrays, *args)`` in every shard process at once.
 
         The arrays are the committed global arrays (each process sees its addressable part),
-        so a jitted function over them is an SPMD program across the shard processes.
-        ``fn`` is trusted driver code: it runs with the shard process's privileges.
+        so a jitted function over them is an SPMD program across the shard processes. ``fn``
+        is trusted driver code, run with the shard process's privileges; if it raises,
+        :class:`RunOnShardsError` names the shard and the table stays healthy.
         """
         return self._read(lambda backend: backend.run_on_shards(fn, *args))
 
@@ -211,6 +219,9 @@ class ShardedPageTable(MultiGroupRowOps):
                 return fn(backend)
             except ShardFailedError as exc:
                 self._failed = exc
+                raise
+            except FencedError as exc:
+                self._fenced = exc
                 raise
 
         with self._lock:
@@ -241,13 +252,12 @@ class ShardedPageTable(MultiGroupRowOps):
     # -- the side-effect point -------------------------------------------------------------
 
     def commit(self, num_reqs: int) -> CommitReceipt:
-        """Publish rows ``[0, num_reqs)`` on every shard as one new epoch.
+        """Publish rows ``[0, num_reqs)`` on every shard as one new epoch; returns a receipt
+        (the epoch; per shard the rows and bytes sent and the checksum it confirmed).
 
-        Returns a receipt with the epoch and, per shard, the rows and bytes sent and the
-        checksum the shard confirmed. If any shard fails, every shard steps back, nothing
-        is published, the mirror keeps the pending changes, and :class:`ShardFailedError`
-        names the shard. With ``recover="auto"`` a lost shard is replaced and the commit
-        retried, up to ``max_recoveries`` times.
+        If any shard fails, every shard steps back, nothing is published, the mirror keeps
+        the pending changes, and :class:`ShardFailedError` names the shard; with
+        ``recover="auto"`` a lost shard is replaced and the commit retried.
         """
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         with self._lock:
@@ -260,7 +270,7 @@ class ShardedPageTable(MultiGroupRowOps):
         epoch = self.epoch + 1
         pieces = [b.split(self.layout.bounds) for b in batches]  # [group][shard]
         messages = [
-            ShardBatch(epoch, self.epoch, s, tuple(p[s] for p in pieces))
+            ShardBatch(epoch, self.epoch, s, tuple(p[s] for p in pieces), self.generation)
             for s in range(self.num_shards)
         ]
         backend.send(messages)
@@ -287,14 +297,30 @@ class ShardedPageTable(MultiGroupRowOps):
         failed = failures(results, expected, epoch, "acked")
         if not failed:
             return
+        self._check_fenced(results)
         applied = [s for s, r in enumerate(results) if isinstance(r, Ack) and r.epoch == epoch]
-        rollback = backend.rollback(applied, epoch) if applied else []
+        rollback = backend.rollback(applied, epoch, self.generation) if applied else []
+        self._check_fenced(rollback)
         stuck = [s for s, r in zip(applied, rollback, strict=True) if isinstance(r, BaseException)]
         shard, reason, lost = failed[0]
         error = ShardFailedError(shard, epoch, reason + "; nothing was published")
         if lost or stuck:
             self._failed = error
         raise error
+
+    def _check_fenced(self, results: Sequence[Result]) -> None:
+        """A newer coordinator owns the shards: refuse everything from now on."""
+        for res in results:
+            if isinstance(res, FencedError):
+                self._fenced = FencedError(self.generation, res.holder)
+                raise self._fenced
+
+    def _fence(self, backend: Backend) -> None:
+        results = backend.fence(self.generation)
+        self._check_fenced(results)
+        for s, res in enumerate(results):
+            if isinstance(res, BaseException):
+                raise ShardFailedError(s, self.epoch, f"fence: {type(res).__name__}: {res}")
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -308,10 +334,14 @@ class ShardedPageTable(MultiGroupRowOps):
         """
         with self._lock:
             backend = self._open()
+            if self._fenced is not None:
+                raise self._fenced  # the shards belong to a newer coordinator: never restart them
             t0 = time.perf_counter()
             try:
                 backend.restart()
-                results = backend.reseed(published_states(self._hosts, self.layout, self.epoch))
+                self._fence(backend)
+                states = published_states(self._hosts, self.layout, self.epoch, self.generation)
+                results = backend.reseed(states, self.generation)
             except ShardFailedError as exc:
                 self._failed = exc
                 raise
@@ -331,34 +361,6 @@ class ShardedPageTable(MultiGroupRowOps):
             )
             return seconds
 
-    def _adopt(self) -> None:
-        """Rebuild the mirror from running shards (``attach``), settling on one epoch."""
-        backend = self._backend
-        epochs = [a.epoch for a in backend.status()]
-        target = min(epochs)
-        if max(epochs) - target > 1:
-            raise RuntimeError(
-                f"shards hold epochs {epochs}: more than one epoch apart, cannot settle"
-            )
-        ahead = [s for s, e in enumerate(epochs) if e > target]
-        if ahead:
-            for s, res in zip(ahead, backend.rollback(ahead, target + 1), strict=True):
-                if isinstance(res, BaseException) or res.epoch != target:
-                    raise RuntimeError(f"shard {s} cannot step back to epoch {target}: {res}")
-            log.warning("shards %s stepped back to epoch %d to settle", ahead, target)
-        for s, state in enumerate(backend.export()):
-            if state is None:
-                continue
-            if state.epoch != target or state.shard != s:
-                raise RuntimeError(f"shard {s} exported epoch {state.epoch}, expected {target}")
-            for host, group in zip(self._hosts, state.groups, strict=True):
-                host.load(self.layout.shard_rows(s).start, group)
-        self.epoch = target
-        self._expected = shard_sums(self._hosts, self.layout)
-        failed = failures(backend.status(), self._expected, target, "reports after attach")
-        if failed:
-            raise RuntimeError(f"shard {failed[0][0]}: {failed[0][1]}")
-
     # -- whole-table operations ----------------------------------------------------------
 
     def clear(self) -> None:
@@ -370,10 +372,15 @@ class ShardedPageTable(MultiGroupRowOps):
             self.commit(self.max_num_reqs)
 
     def close(self) -> None:
-        """Release the shards (actors and devices). Safe to call twice."""
+        """Release the shards (actors and devices). Safe to call twice. A coordinator that a
+        newer one took over only lets go of them."""
         with self._lock:
             backend, self._backend = self._backend, None
-            if backend is not None:
+            if backend is None:
+                return
+            if self._fenced is not None:
+                backend.detach()
+            else:
                 backend.close(clean=self._failed is None)
 
     def __enter__(self) -> ShardedPageTable:

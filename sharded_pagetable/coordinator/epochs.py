@@ -7,6 +7,7 @@ answers.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,8 +39,14 @@ def expected_after(
     return out
 
 
+def new_generation(above: int) -> int:
+    """A coordinator generation greater than ``above``: a counter in the high 32 bits and 32
+    random bits, so two coordinators taking over at once still differ."""
+    return ((((above >> 32) + 1) & 0xFFFFFFFF) << 32) | secrets.randbits(32)
+
+
 def published_states(
-    hosts: Sequence[HostRows], layout: ShardLayout, epoch: int
+    hosts: Sequence[HostRows], layout: ShardLayout, epoch: int, generation: int
 ) -> list[ShardBatch | None]:
     """Full-state batches rebuilding each shard at the published ``epoch`` (None at 0)."""
     if epoch == 0:
@@ -48,7 +55,7 @@ def published_states(
     for s in range(layout.num_shards):
         rows = layout.shard_rows(s)
         views = [h.published_rows(rows.start, rows.stop) for h in hosts]
-        out.append(ShardBatch.full_state(epoch, s, *zip(*views, strict=True)))
+        out.append(ShardBatch.full_state(epoch, s, *zip(*views, strict=True), generation))
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..errors import RunOnShardsError
 from ..routing.layout import ShardLayout
 from ..shard.device import assemble
 from ..shard.messages import ShardBatch
@@ -57,19 +58,22 @@ class LocalBackend:
         results, self._results = self._results, []
         return results
 
-    def rollback(self, shards: Sequence[int], epoch: int) -> list[Result]:
+    def fence(self, generation: int) -> list[Result]:
+        return [_call(s.fence, generation) for s in self.shards]
+
+    def rollback(self, shards: Sequence[int], epoch: int, generation: int) -> list[Result]:
         self._arrays.clear()
-        return [_call(self.shards[s].rollback, epoch) for s in shards]
+        return [_call(self.shards[s].rollback, epoch, generation) for s in shards]
 
     def status(self) -> list:
         return [s.status() for s in self.shards]
 
-    def reseed(self, states: Sequence[ShardBatch | None]) -> list[Result]:
+    def reseed(self, states: Sequence[ShardBatch | None], generation: int) -> list[Result]:
         self._arrays.clear()
-        return [_call(s.reseed, b) for s, b in zip(self.shards, states, strict=True)]
+        return [_call(s.reseed, b, generation) for s, b in zip(self.shards, states, strict=True)]
 
-    def export(self) -> list[ShardBatch | None]:
-        return [s.export() for s in self.shards]
+    def export(self, generation: int) -> list[ShardBatch | None]:
+        return [s.export(generation) for s in self.shards]
 
     def group_array(self, group: int) -> jax.Array:
         if group not in self._arrays:
@@ -83,7 +87,13 @@ class LocalBackend:
 
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         arrays = [self.group_array(g) for g in range(len(self.specs[0].widths))]
-        return [fn(arrays, *args) for _ in self.shards]
+        out = []
+        for s in range(self.num_shards):
+            try:
+                out.append(fn(arrays, *args))
+            except Exception as exc:
+                raise RunOnShardsError(s, type(exc).__name__, str(exc)) from exc
+        return out
 
     def close(self, clean: bool = True) -> None:
         self.shards = []

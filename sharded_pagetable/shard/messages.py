@@ -70,13 +70,15 @@ class ShardBatch:
     """Everything one shard applies for one epoch, on top of epoch ``base``.
 
     A full-state batch (``base == 0``, one SET per non-empty row) rebuilds a shard or
-    exports one.
+    exports one. ``generation`` is the sending coordinator's: a shard applies only batches of
+    the generation it was last fenced to (see ``Shard.fence``).
     """
 
     epoch: int
     base: int
     shard: int
     groups: tuple[GroupBatch, ...]
+    generation: int = 0
 
     @property
     def rows(self) -> int:
@@ -88,7 +90,12 @@ class ShardBatch:
 
     @classmethod
     def full_state(
-        cls, epoch: int, shard: int, tables: Sequence[np.ndarray], counts: Sequence[np.ndarray]
+        cls,
+        epoch: int,
+        shard: int,
+        tables: Sequence[np.ndarray],
+        counts: Sequence[np.ndarray],
+        generation: int = 0,
     ) -> ShardBatch:
         """One SET per non-empty row of each group's ``tables`` / ``counts`` (local rows)."""
         groups = []
@@ -99,7 +106,7 @@ class ShardBatch:
             pages = table[rows][mask].astype(np.int32)
             op = np.full(rows.size, OP_SET, np.int32)
             groups.append(GroupBatch(op, rows, np.zeros(rows.size, np.int32), n, pages))
-        return cls(epoch, 0, shard, tuple(groups))
+        return cls(epoch, 0, shard, tuple(groups), generation)
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,8 @@ class Ack:
     """A shard's answer: the epoch it now holds and the checksum of its rows.
 
     ``rows`` counts the row updates of the batch answered; ``applied`` is False when nothing
-    changed (a status query, or a re-sent epoch acknowledged without applying it again).
+    changed (a status query, or a re-sent epoch acknowledged without applying it again);
+    ``generation`` is the coordinator generation the shard obeys.
     """
 
     shard: int
@@ -115,16 +123,22 @@ class Ack:
     checksum: int
     rows: int
     applied: bool
+    generation: int = 0
+
+
+REFUSAL_KINDS = ("wire", "fenced", "error")
 
 
 @dataclass(frozen=True)
 class Refusal:
     """A shard's answer when it did not do what it was asked; its state is unchanged.
 
-    ``wire`` is True when the request itself was refused (a malformed or inconsistent
-    batch), False for any other error inside the shard.
+    ``kind`` is ``"wire"`` when the request itself was refused (a malformed or inconsistent
+    batch), ``"fenced"`` when it came from an older coordinator than the shard obeys (its
+    ``generation`` then says which one it obeys), ``"error"`` for anything else.
     """
 
     shard: int
-    wire: bool
+    kind: str
     message: str
+    generation: int = 0

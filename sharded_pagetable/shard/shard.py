@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from ..constants import PAGE_TABLE_PADDING_VAL
-from ..errors import WireFormatError
+from ..errors import FencedError, WireFormatError
 from ..routing.layout import ShardLayout
 from . import checksum, kernels
 from .checksum import GroupConsts, segment_index
@@ -41,6 +41,13 @@ class ShardSpec:
     layout: ShardLayout
     widths: tuple[int, ...]
     warmup: bool = True
+
+    @property
+    def shape(self) -> list:
+        """What a shard and a coordinator must agree on to share a table: rows, shards,
+        device blocks and pages per row of each group."""
+        layout = self.layout
+        return [layout.max_num_reqs, layout.num_shards, layout.num_blocks, list(self.widths)]
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard_id < self.layout.num_shards:
@@ -107,6 +114,7 @@ class Shard:
         ]
         self.checksum = 0
         self.epoch = 0
+        self.generation = 0  # the coordinator this shard obeys (see fence)
         self._digest: bytes | None = None
         self._undo: _Undo | None = None
         self.devices = [
@@ -121,11 +129,28 @@ class Shard:
                 kernels.warm_up(self.tables[g], self.counts[g], self.inner[g], consts)
 
     def _ack(self, rows: int, applied: bool) -> Ack:
-        return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied)
+        return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied, self.generation)
 
     def status(self) -> Ack:
         """The epoch this shard holds and the checksum of its rows."""
         return self._ack(0, applied=False)
+
+    def fence(self, generation: int) -> Ack:
+        """Obey the coordinator of ``generation`` from now on: commits, rollbacks, re-seeds
+        and exports of any other generation are refused. A lower generation is refused."""
+        if generation < self.generation:
+            raise FencedError(generation, self.generation)
+        self.generation = generation
+        return self._ack(0, applied=False)
+
+    def _obey(self, generation: int) -> None:
+        if generation < self.generation:
+            raise FencedError(generation, self.generation)
+        if generation != self.generation:
+            raise WireFormatError(
+                f"generation {generation:#x} has not fenced shard {self.spec.shard_id} "
+                f"(it obeys {self.generation:#x})"
+            )
 
     def _check(self, batch: ShardBatch) -> None:
         """Refuse a batch that is not the next epoch for this shard's rows."""
@@ -150,6 +175,7 @@ class Shard:
         """Apply one epoch's batch (a value, or wire bytes decoded strictly first); a re-sent
         epoch is acknowledged without applying it again."""
         batch = self._decoded(batch)
+        self._obey(batch.generation)
         digest = batch_digest(batch)
         if batch.epoch == self.epoch and batch.shard == self.spec.shard_id:
             if digest != self._digest:
@@ -182,8 +208,9 @@ class Shard:
         self._digest = digest
         return self._ack(batch.rows, applied=True)
 
-    def rollback(self, epoch: int) -> Ack:
+    def rollback(self, epoch: int, generation: int = 0) -> Ack:
         """Step back from ``epoch`` to the epoch before it (no-op if ``epoch`` is not held)."""
+        self._obey(generation)
         if self.epoch != epoch:
             return self._ack(0, applied=False)
         undo = self._undo
@@ -206,12 +233,13 @@ class Shard:
         self._undo = None
         return self._ack(0, applied=True)
 
-    def reseed(self, batch: ShardBatch | bytes | None) -> Ack:
+    def reseed(self, batch: ShardBatch | bytes | None, generation: int = 0) -> Ack:
         """Replace every row with a full-state batch (``ShardBatch.full_state``; None: empty).
 
         Used to rebuild a replaced shard from the coordinator's published rows.
         """
         batch = None if batch is None else self._decoded(batch)
+        self._obey(generation if batch is None else batch.generation)
         if batch is not None and batch.shard != self.spec.shard_id:
             raise WireFormatError(f"state for shard {batch.shard} sent to {self.spec.shard_id}")
         if batch is not None and len(batch.groups) != len(self.tables):
@@ -232,11 +260,14 @@ class Shard:
         self._digest, self._undo = None, None
         return self._ack(0, applied=True)
 
-    def export(self) -> ShardBatch | None:
+    def export(self, generation: int = 0) -> ShardBatch | None:
         """This shard's rows as a full-state batch at its epoch (None at epoch 0)."""
+        self._obey(generation)
         if self.epoch == 0:
             return None
-        return ShardBatch.full_state(self.epoch, self.spec.shard_id, self.tables, self.counts)
+        return ShardBatch.full_state(
+            self.epoch, self.spec.shard_id, self.tables, self.counts, generation
+        )
 
     def buffers(self, group: int) -> list[jax.Array]:
         return self.devices[group].buffers()

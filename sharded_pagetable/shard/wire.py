@@ -1,10 +1,11 @@
 """Wire format between coordinator and shard: every message both ways, each strictly decoded.
 
 A batch (one per shard per commit, and the full-state messages of recovery and attach) is a
-msgpack map ``{"v", "epoch", "base", "shard", "groups"}``; ``groups`` holds one map per
-KV-cache group with the columns of :class:`~.messages.GroupBatch` as little-endian int32
-byte strings. A reply is ``{"v", "ack": [shard, epoch, checksum, rows, applied]}`` or
-``{"v", "refused": [shard, wire, message]}``.
+msgpack map ``{"v", "epoch", "base", "shard", "groups"}`` plus ``"gen"`` (the coordinator's
+generation; absent means 0); ``groups`` holds one map per KV-cache group with the columns
+of :class:`~.messages.GroupBatch` as little-endian int32 byte strings. A reply is
+``{"v", "ack": [shard, epoch, checksum, rows, applied, generation]}`` or
+``{"v", "refused": [shard, kind, message, generation]}``.
 
 Decoding is strict: exact keys, bounded sizes, no extension types, consistent lengths and
 values. Anything else raises :class:`WireFormatError` before a single cell is written.
@@ -20,11 +21,12 @@ import numpy as np
 from ..constants import MAX_PAGE_ID
 from ..errors import WireFormatError
 from . import kernels
-from .messages import Ack, GroupBatch, Refusal, ShardBatch
+from .messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, ShardBatch
 
 VERSION = 1
 
 _KEYS = frozenset({"v", "epoch", "base", "shard", "groups"})
+_OPTIONAL_KEYS = frozenset({"gen"})
 _GROUP_KEYS = ("op", "row", "start", "count", "pages")
 _I32 = np.dtype("<i4")
 _MAX_EPOCH = 2**63 - 1
@@ -63,16 +65,11 @@ def encode(batch: ShardBatch) -> bytes:
         {key: np.ascontiguousarray(getattr(g, key), dtype=_I32).tobytes() for key in _GROUP_KEYS}
         for g in batch.groups
     ]
-    return msgpack.packb(
-        {
-            "v": VERSION,
-            "epoch": batch.epoch,
-            "base": batch.base,
-            "shard": batch.shard,
-            "groups": groups,
-        },
-        use_bin_type=True,
-    )
+    msg = {"v": VERSION, "epoch": batch.epoch, "base": batch.base, "shard": batch.shard}
+    if batch.generation:
+        msg["gen"] = batch.generation
+    msg["groups"] = groups
+    return msgpack.packb(msg, use_bin_type=True)
 
 
 def _refuse_ext(code: int, data: bytes) -> None:
@@ -109,8 +106,10 @@ def _int_field(msg: dict, key: str, upper: int) -> int:
     return value
 
 
-def _check_version(msg: object, keys: frozenset[str], what: str) -> dict:
-    if type(msg) is not dict or set(msg) != keys:
+def _check_version(
+    msg: object, keys: frozenset[str], what: str, optional: frozenset[str] = frozenset()
+) -> dict:
+    if type(msg) is not dict or not keys <= set(msg) <= keys | optional:
         got = sorted(map(str, msg)) if isinstance(msg, dict) else type(msg).__name__
         raise WireFormatError(f"{what} must be a map with keys {sorted(keys)}, got {got}")
     if type(msg["v"]) is not int or msg["v"] != VERSION:
@@ -151,7 +150,9 @@ def _decode_group(group: object, g: int, limits: WireLimits) -> GroupBatch:
 
 def decode(data: bytes, limits: WireLimits) -> ShardBatch:
     """Parse and check a batch for a shard described by ``limits``."""
-    msg = _check_version(_unpack(data, limits.max_bytes, len(limits.widths), 16), _KEYS, "message")
+    msg = _check_version(
+        _unpack(data, limits.max_bytes, len(limits.widths), 16), _KEYS, "message", _OPTIONAL_KEYS
+    )
     epoch = _int_field(msg, "epoch", _MAX_EPOCH)
     base = _int_field(msg, "base", _MAX_EPOCH)
     shard = _int_field(msg, "shard", 2**31 - 1)
@@ -160,8 +161,13 @@ def decode(data: bytes, limits: WireLimits) -> ShardBatch:
     groups = msg["groups"]
     if type(groups) is not list or len(groups) != len(limits.widths):
         raise WireFormatError(f"expected a list of {len(limits.widths)} groups")
+    generation = _int_field(msg, "gen", _MAX_U64) if "gen" in msg else 0
     return ShardBatch(
-        epoch, base, shard, tuple(_decode_group(gr, g, limits) for g, gr in enumerate(groups))
+        epoch,
+        base,
+        shard,
+        tuple(_decode_group(gr, g, limits) for g, gr in enumerate(groups)),
+        generation,
     )
 
 
@@ -174,42 +180,49 @@ _REFUSED_KEYS = frozenset({"v", "refused"})
 def encode_reply(reply: Ack | Refusal) -> bytes:
     """Serialise a shard's answer; a refusal's message is cut to a bounded length."""
     if isinstance(reply, Ack):
-        body = [reply.shard, reply.epoch, reply.checksum, reply.rows, reply.applied]
+        body = [
+            reply.shard, reply.epoch, reply.checksum, reply.rows, reply.applied, reply.generation
+        ]  # fmt: skip
         return msgpack.packb({"v": VERSION, "ack": body})
-    return msgpack.packb(
-        {"v": VERSION, "refused": [reply.shard, reply.wire, reply.message[:_MAX_REASON]]}
-    )
+    body = [reply.shard, reply.kind, reply.message[:_MAX_REASON], reply.generation]
+    return msgpack.packb({"v": VERSION, "refused": body})
 
 
 def decode_reply(data: bytes, num_shards: int) -> Ack | Refusal:
     """Parse a shard's answer; anything but a well-formed ack or refusal raises."""
-    msg = _unpack(data, _MAX_REPLY, 5, _MAX_REASON * 4)
+    msg = _unpack(data, _MAX_REPLY, 6, _MAX_REASON * 4)
     if type(msg) is dict and "refused" in msg:
         msg = _check_version(msg, _REFUSED_KEYS, "refusal")
         body = msg["refused"]
         if (
             type(body) is not list
-            or len(body) != 3
+            or len(body) != 4
             or type(body[0]) is not int
             or not 0 <= body[0] < num_shards
-            or type(body[1]) is not bool
+            or body[1] not in REFUSAL_KINDS
             or type(body[2]) is not str
+            or type(body[3]) is not int
+            or not 0 <= body[3] <= _MAX_U64
         ):
-            raise WireFormatError("a refusal must be [shard, wire (bool), message (str)]")
+            raise WireFormatError(
+                "a refusal must be [shard, kind, message (str), generation (u64)] with kind in "
+                f"{REFUSAL_KINDS}"
+            )
         return Refusal(*body)
     msg = _check_version(msg, _ACK_KEYS, "reply")
     body = msg["ack"]
-    if type(body) is not list or len(body) != 5:
-        raise WireFormatError("an ack must be [shard, epoch, checksum, rows, applied]")
-    shard, epoch, checksum, rows, applied = body
+    if type(body) is not list or len(body) != 6:
+        raise WireFormatError("an ack must be [shard, epoch, checksum, rows, applied, generation]")
+    shard, epoch, checksum, rows, applied, generation = body
     for name, value, upper in (
         ("shard", shard, num_shards - 1),
         ("epoch", epoch, _MAX_EPOCH),
         ("checksum", checksum, _MAX_U64),
         ("rows", rows, 2**31 - 1),
+        ("generation", generation, _MAX_U64),
     ):
         if type(value) is not int or not 0 <= value <= upper:
             raise WireFormatError(f"ack field {name} must be an int in 0..{upper}, got {value!r}")
     if type(applied) is not bool:
         raise WireFormatError(f"ack field applied must be a bool, got {applied!r}")
-    return Ack(shard, epoch, checksum, rows, applied)
+    return Ack(shard, epoch, checksum, rows, applied, generation)
