@@ -19,23 +19,21 @@ A YAML file looks like::
 Unknown keys and bad values raise :class:`ConfigError` naming the key; every number is
 range-checked against what int32 tables and JAX meshes allow. The YAML is plain data: anchors,
 aliases, merge keys and duplicate keys are refused (naming the key and line), as are files
-over 64 KiB, non-UTF-8 text and syntax errors.
+over 64 KiB, non-UTF-8 text and syntax errors (:mod:`.yaml_loader`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from .constants import cdiv
 from .errors import ConfigError
 from .routing.layout import ShardLayout
+from .yaml_loader import key_name, load_yaml, show
 
 _PLACEMENTS = ("pack", "spread")
 _PLATFORMS = ("cpu", "gpu")
@@ -49,39 +47,11 @@ MAX_GROUPS = 64  # page sizes, one device table each
 MAX_RECOVERIES = 1000  # the coordinator's own bound
 MAX_TIMEOUT_S = 86400.0  # one day: a longer call timeout is a typo, not a plan
 MAX_CPUS_PER_SHARD = 1024.0
-# The shipped configs are under 2 KB. The pure-Python parser reads a 64 KB flow list or
-# 13k-line mapping in 1.2 s on this machine, so this bounds the slowest refusal.
-MAX_FILE_BYTES = 1 << 16
-MAX_DEPTH = 16  # the shipped configs nest 3 deep
-_SHOW_CHARS = 80
-
-_repr = reprlib.Repr()
-_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 2, 4, 6, 6
-_repr.maxstring = _repr.maxother = _repr.maxlong = _SHOW_CHARS
-
-
-def _show(value: Any) -> str:
-    """``repr(value)`` in at most 80 characters, without ever expanding a large value.
-
-    A 440-byte YAML alias bomb once took 59 s and 4.8 GB here through a plain ``!r``.
-    """
-    try:
-        text = _repr.repr(value)
-    except Exception:  # e.g. an int past Python's 4300-digit str() limit
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= _SHOW_CHARS else text[: _SHOW_CHARS - 3] + "..."
-
-
-def _key_name(key: Any) -> str:
-    """A mapping key as it reads in a message: as is if a short one-line string."""
-    if isinstance(key, str) and key.isprintable() and len(key) <= _SHOW_CHARS:
-        return key
-    return _show(key)
 
 
 def _int_in(key: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ConfigError(f"{key} must be an integer in {lo}..{hi}, got {_show(value)}")
+        raise ConfigError(f"{key} must be an integer in {lo}..{hi}, got {show(value)}")
     return value
 
 
@@ -100,7 +70,7 @@ def _number_in(key: str, value: Any, lo: float, hi: float, *, lo_open: bool) -> 
     )
     if not ok:
         where = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
-        raise ConfigError(f"{key} must be a finite number in {where}, got {_show(value)}")
+        raise ConfigError(f"{key} must be a finite number in {where}, got {show(value)}")
     return value
 
 
@@ -108,109 +78,12 @@ def _check_keys(where: str, data: Mapping[str, Any], cls: type) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted((k for k in data if k not in known), key=_show)
+    unknown = sorted((k for k in data if k not in known), key=show)
     if unknown:
         prefix = f"{where}." if where != "config" else ""
         raise ConfigError(
-            f"unknown config key {prefix}{_key_name(unknown[0])}; known keys: {sorted(known)}"
+            f"unknown config key {prefix}{key_name(unknown[0])}; known keys: {sorted(known)}"
         )
-
-
-class _Refused(yaml.MarkedYAMLError):
-    """YAML that is valid but not accepted in a config (aliases, duplicate keys, ...)."""
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses anchors, aliases, merge keys, duplicate keys and
-    nesting deeper than ``MAX_DEPTH``, naming the key and line. Without aliases a document
-    holds no more values than its text, so nothing downstream can be made to expand."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._path: list[str] = []  # keys from the root to the node being composed
-
-    def _where(self) -> str:
-        return "".join(self._path).lstrip(".") or "the document"
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        if isinstance(index, yaml.ScalarNode):
-            self._path.append("." + _key_name(index.value))
-        elif isinstance(index, int):
-            self._path.append(f"[{index}]")
-        else:  # the root, or a mapping key
-            self._path.append("")
-        try:
-            event = self.peek_event()
-            if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
-                kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
-                raise _Refused(
-                    problem=f"{self._where()}: YAML anchors and aliases are not allowed "
-                    f"(found {kind}{_key_name(event.anchor)})",
-                    problem_mark=event.start_mark,
-                )
-            if len(self._path) > MAX_DEPTH:
-                raise _Refused(
-                    problem=f"{self._where()}: nested deeper than {MAX_DEPTH} levels",
-                    problem_mark=event.start_mark,
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._path.pop()
-
-    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
-        node = super().compose_mapping_node(anchor)
-        first: dict[tuple[str, str], yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise _Refused(
-                    problem=f"{self._where()}: YAML merge keys (<<) are not allowed",
-                    problem_mark=key_node.start_mark,
-                )
-            if not isinstance(key_node, yaml.ScalarNode):
-                continue  # unhashable: the constructor refuses it
-            seen = first.setdefault((key_node.tag, key_node.value), key_node)
-            if seen is not key_node:
-                key = "".join([*self._path, "." + _key_name(key_node.value)]).lstrip(".")
-                raise _Refused(
-                    problem=f"duplicate key {key} (first at line {seen.start_mark.line + 1})",
-                    problem_mark=key_node.start_mark,
-                )
-        return node
-
-
-def load_yaml(path: str) -> Any:
-    """The YAML document in ``path``; every problem with its text is a ``ConfigError`` naming
-    the file and line. A missing or unreadable file raises ``OSError`` as ``open`` does."""
-    with open(path, "rb") as f:
-        raw = f.read(MAX_FILE_BYTES + 1)
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"config file {path} is larger than {MAX_FILE_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"config file {path}, line {line}: not UTF-8 text") from None
-    loader = None
-    try:
-        loader = _ConfigLoader(text)  # the reader refuses control characters here
-        return loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
-        if not isinstance(exc, _Refused):
-            problem = f"YAML syntax error: {problem}"
-        raise ConfigError(f"config file {path}{where}: {problem[:160]}") from None
-    except yaml.reader.ReaderError as exc:  # a control character, e.g. in a binary file
-        line = text.count("\n", 0, exc.position) + 1
-        raise ConfigError(
-            f"config file {path}, line {line}: not YAML text: {exc.reason} (U+{exc.character:04X})"
-        ) from None
-    except ValueError as exc:  # an int literal past Python's 4300-digit limit
-        raise ConfigError(f"config file {path}: bad value: {str(exc)[:160]}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -249,30 +122,30 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         if self.address is not None and not isinstance(self.address, str):
-            raise ConfigError(f"ray.address must be a string or null, got {_show(self.address)}")
+            raise ConfigError(f"ray.address must be a string or null, got {show(self.address)}")
         _positive_int("ray.devices_per_shard", self.devices_per_shard, MAX_DEVICES)
         if self.platform not in _PLATFORMS:
             raise ConfigError(
-                f"ray.platform must be one of {_PLATFORMS}, got {_show(self.platform)}"
+                f"ray.platform must be one of {_PLATFORMS}, got {show(self.platform)}"
             )
         _number_in("ray.timeout_s", self.timeout_s, 0.0, MAX_TIMEOUT_S, lo_open=True)
         if self.placement not in _PLACEMENTS:
             raise ConfigError(
-                f"ray.placement must be one of {_PLACEMENTS}, got {_show(self.placement)}"
+                f"ray.placement must be one of {_PLACEMENTS}, got {show(self.placement)}"
             )
         if not isinstance(self.namespace, str) or not self.namespace:
             raise ConfigError(
-                f"ray.namespace must be a non-empty string, got {_show(self.namespace)}"
+                f"ray.namespace must be a non-empty string, got {show(self.namespace)}"
             )
         _number_in(
             "ray.cpus_per_shard", self.cpus_per_shard, 0.0, MAX_CPUS_PER_SHARD, lo_open=False
         )
         if not isinstance(self.detached, bool):
-            raise ConfigError(f"ray.detached must be true or false, got {_show(self.detached)}")
+            raise ConfigError(f"ray.detached must be true or false, got {show(self.detached)}")
         if self.channel not in _CHANNELS:
-            raise ConfigError(f"ray.channel must be one of {_CHANNELS}, got {_show(self.channel)}")
+            raise ConfigError(f"ray.channel must be one of {_CHANNELS}, got {show(self.channel)}")
         if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"ray.name must be a non-empty string, got {_show(self.name)}")
+            raise ConfigError(f"ray.name must be a non-empty string, got {show(self.name)}")
 
     @classmethod
     def from_value(cls, value: RayOptions | Mapping[str, Any] | None) -> RayOptions:
@@ -313,17 +186,17 @@ class TableConfig:
             )
         self._check_page_sizes()
         if self.backend not in ("local", "ray"):
-            raise ConfigError(f"backend must be 'local' or 'ray', got {_show(self.backend)}")
+            raise ConfigError(f"backend must be 'local' or 'ray', got {show(self.backend)}")
         if not isinstance(self.row_axis, str) or not self.row_axis:
-            raise ConfigError(f"row_axis must be a non-empty string, got {_show(self.row_axis)}")
+            raise ConfigError(f"row_axis must be a non-empty string, got {show(self.row_axis)}")
         if self.mesh is not None:
             self._check_mesh()
         if self.num_pages is not None:
             _positive_int("num_pages", self.num_pages, MAX_INT32 + 1)  # ids stay below it
         if not isinstance(self.warmup, bool):
-            raise ConfigError(f"warmup must be true or false, got {_show(self.warmup)}")
+            raise ConfigError(f"warmup must be true or false, got {show(self.warmup)}")
         if self.recover not in _RECOVER:
-            raise ConfigError(f"recover must be one of {_RECOVER}, got {_show(self.recover)}")
+            raise ConfigError(f"recover must be one of {_RECOVER}, got {show(self.recover)}")
         _positive_int("max_recoveries", self.max_recoveries, MAX_RECOVERIES)
         object.__setattr__(self, "ray", RayOptions.from_value(self.ray))
         if self.backend == "ray" and self.num_shards * self.ray.devices_per_shard > MAX_DEVICES:
@@ -337,7 +210,7 @@ class TableConfig:
         sizes = self.page_sizes
         if not isinstance(sizes, tuple | list) or not sizes or len(sizes) > MAX_GROUPS:
             raise ConfigError(
-                f"page_sizes must be a list of 1..{MAX_GROUPS} page sizes, got {_show(sizes)}"
+                f"page_sizes must be a list of 1..{MAX_GROUPS} page sizes, got {show(sizes)}"
             )
         for g, size in enumerate(sizes):
             _positive_int(f"page_sizes[{g}]", size)
@@ -355,20 +228,20 @@ class TableConfig:
         mesh = self.mesh
         if not isinstance(mesh, Mapping) or not mesh or len(mesh) > MAX_MESH_AXES:
             raise ConfigError(
-                f"mesh must be a mapping of 1..{MAX_MESH_AXES} axis sizes, got {_show(mesh)}"
+                f"mesh must be a mapping of 1..{MAX_MESH_AXES} axis sizes, got {show(mesh)}"
             )
         for name, size in mesh.items():
             if not isinstance(name, str) or not name:
-                raise ConfigError(f"mesh axis names must be non-empty strings, got {_show(name)}")
-            _positive_int(f"mesh.{_key_name(name)}", size, MAX_DEVICES)
+                raise ConfigError(f"mesh axis names must be non-empty strings, got {show(name)}")
+            _positive_int(f"mesh.{key_name(name)}", size, MAX_DEVICES)
         if math.prod(mesh.values()) > MAX_DEVICES:
             raise ConfigError(
-                f"mesh {_show(dict(mesh))} has {math.prod(mesh.values())} devices, more than "
+                f"mesh {show(dict(mesh))} has {math.prod(mesh.values())} devices, more than "
                 f"{MAX_DEVICES}"
             )
         if self.row_axis not in mesh:
             raise ConfigError(
-                f"row_axis {_show(self.row_axis)} is not an axis of mesh {_show(dict(mesh))}"
+                f"row_axis {show(self.row_axis)} is not an axis of mesh {show(dict(mesh))}"
             )
 
     def _check_layout(self) -> None:
