@@ -10,6 +10,7 @@ A YAML file looks like::
     backend: ray            # or local
     row_axis: data
     mesh: {data: 8}         # optional; default 1-D over every device
+    pages_per_shard: 4096   # optional: KV-local page pools (shard s owns [s*P, (s+1)*P))
     ray:
       address: null         # null: start a local Ray bound to 127.0.0.1
       devices_per_shard: 2
@@ -170,6 +171,7 @@ class TableConfig:
     row_axis: str = "data"
     mesh: Mapping[str, int] | None = None
     num_pages: int | None = None
+    pages_per_shard: int | None = None
     warmup: bool = True
     recover: str = "manual"
     max_recoveries: int = 3
@@ -193,6 +195,10 @@ class TableConfig:
             self._check_mesh()
         if self.num_pages is not None:
             _positive_int("num_pages", self.num_pages, MAX_INT32 + 1)  # ids stay below it
+        if self.pages_per_shard is not None:
+            _positive_int(
+                "pages_per_shard", self.pages_per_shard, (MAX_INT32 + 1) // self.num_shards
+            )
         if not isinstance(self.warmup, bool):
             raise ConfigError(f"warmup must be true or false, got {show(self.warmup)}")
         if self.recover not in _RECOVER:
@@ -301,6 +307,7 @@ class TableConfig:
             "mesh": self.mesh,
             "row_axis": self.row_axis,
             "num_pages": self.num_pages,
+            "pages_per_shard": self.pages_per_shard,
             "warmup": self.warmup,
             "recover": self.recover,
             "max_recoveries": self.max_recoveries,

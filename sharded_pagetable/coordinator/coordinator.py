@@ -23,23 +23,24 @@ from jax.sharding import Mesh
 from ..config import RayOptions, TableConfig
 from ..constants import cdiv
 from ..errors import FencedError, ShardFailedError
+from ..routing.pools import PagePools
 from ..shard.checksum import GroupConsts
 from ..shard.messages import Ack, ShardBatch
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
-from ..table.row_ops import MultiGroupRowOps
 from ..table.validation import check_count, check_index
 from .attach import adopt
 from .backend import Backend, Result
 from .epochs import expected_after, failures, new_generation, published_states
+from .pooled import GuardedRowOps
 from .receipt import CommitReceipt, ShardReceipt
-from .start import check_args, start_backend
-from .view import GroupView, synchronized, when_open
+from .start import check_args, check_pool_pages, start_backend
+from .view import GroupView, synchronized
 
 log = logging.getLogger(__name__)
 
 
-class ShardedPageTable(MultiGroupRowOps):
+class ShardedPageTable(GuardedRowOps):
     """``MultiGroupPageTable`` semantics with rows sharded over ``num_shards`` shards.
 
     Args:
@@ -52,6 +53,8 @@ class ShardedPageTable(MultiGroupRowOps):
         ``row_axis``.
       row_axis: mesh axis the rows are split along.
       num_pages: if given, page ids must be below it.
+      pages_per_shard: KV-local page pools: shard ``s`` owns page ids ``[s*P, (s+1)*P)``
+        and a row may only hold pages of its own shard's pool.
       warmup: compile device-update buckets and kernels at start-up.
       recover: ``"manual"`` (a lost shard fails the table closed until ``recover()``) or
         ``"auto"`` (recovered inside the failing call, up to ``max_recoveries`` times).
@@ -77,6 +80,7 @@ class ShardedPageTable(MultiGroupRowOps):
         mesh: Mesh | Mapping[str, int] | None = None,
         row_axis: str = "data",
         num_pages: int | None = None,
+        pages_per_shard: int | None = None,
         warmup: bool = True,
         recover: str = "manual",
         max_recoveries: int = 3,
@@ -104,6 +108,9 @@ class ShardedPageTable(MultiGroupRowOps):
         self.recoveries: list[float] = []  # seconds each recovery took
         self._lock = threading.RLock()
         self.widths = widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
+        if pages_per_shard is not None:
+            self._pools = PagePools(num_shards, max_num_reqs // num_shards, pages_per_shard)
+            num_pages = check_pool_pages(num_pages, self._pools)
         self._hosts = [
             HostRows(max_num_reqs, w, num_pages, GroupConsts.build(g, w, max_num_reqs))
             for g, w in enumerate(widths)
@@ -388,13 +395,3 @@ class ShardedPageTable(MultiGroupRowOps):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # Row operations are serialised (scheduler threads may share a table) and refused once
-    # the table is closed.
-    append_row = when_open(MultiGroupRowOps.append_row)
-    add_row = when_open(MultiGroupRowOps.add_row)
-    clear_row = when_open(MultiGroupRowOps.clear_row)
-    move_row = when_open(MultiGroupRowOps.move_row)
-    swap_row = when_open(MultiGroupRowOps.swap_row)
-    append_rows_batch = when_open(MultiGroupRowOps.append_rows_batch)
-    compute_slot_mapping = synchronized(MultiGroupRowOps.compute_slot_mapping)

@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 from ..config import RayOptions
 from ..routing.layout import ShardLayout
 from ..routing.mesh import build_mesh, row_sharding
+from ..routing.pools import PagePools
 from ..shard.shard import ShardSpec
 from ..table.validation import check_count
 from .backend import Backend
@@ -41,6 +42,16 @@ def check_args(
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     check_count(num_shards, 2**31 - 1, "num_shards")
+
+
+def check_pool_pages(num_pages: int | None, pools: PagePools) -> int:
+    """``num_pages`` of a table with page pools: every pool's pages, and no other."""
+    if num_pages is not None and num_pages != pools.num_pages:
+        raise ValueError(
+            f"num_pages={num_pages} disagrees with pages_per_shard={pools.pages_per_shard} x "
+            f"{pools.num_shards} shards = {pools.num_pages} page ids; give one of them"
+        )
+    return pools.num_pages
 
 
 def start_backend(

@@ -49,6 +49,11 @@ class GroupView:
     def num_pages_per_row(self) -> np.ndarray:  # i32[R]
         return self._host.counts
 
+    @property
+    def cpu_version(self) -> int:
+        """Grows with every change to the mirror's rows of this group (see ``HostRows``)."""
+        return self._host.cpu_version
+
     def get_cpu_tensor(self) -> np.ndarray:
         return self._host.table
 
