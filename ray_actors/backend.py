@@ -16,7 +16,7 @@ from sharded_pagetable.shard.messages import Ack, Refusal, ShardBatch
 from sharded_pagetable.shard.shard import ShardSpec
 from sharded_pagetable.shard.wire import WireLimits, decode, decode_reply, encode
 
-from .channel import ChannelClosedError, ShardClient, new_secret
+from .channel import ChannelClosedError, ChannelKey, ShardClient, new_keys
 from .cluster import connect, release, spread_strategies
 from .shard_actor import ShardActor
 
@@ -97,10 +97,11 @@ class RayBackend:
                 ) from None
             self.actors.append(actor)
         self.placements = self._gather([a.where.remote() for a in self.actors], "attach")
-        secrets = self._gather([a.channel_secret.remote() for a in self.actors], "attach")
-        if len(set(secrets)) != 1:
-            raise ShardFailedError(0, -1, "attached shards belong to different tables")
-        self._connect(secrets[0])
+        keys = self._gather([a.channel_secret.remote() for a in self.actors], "attach")
+        tables = [k.table_id for k in keys]
+        if len(set(tables)) != 1:
+            raise ShardFailedError(0, -1, f"attached shards belong to different tables: {tables}")
+        self._connect(keys)
         if self.options.placement == "spread":
             try:
                 self._pg = ray.util.get_placement_group(f"{self.options.name}-pg")
@@ -139,13 +140,13 @@ class RayBackend:
         t0 = time.perf_counter()
         address = ray.get(self.actors[0].node_address.remote(), timeout=max(o.timeout_s, 120))
         heartbeat = max(10, int(o.timeout_s * 2))
-        secret = new_secret()
+        keys = new_keys(self.num_shards)  # each shard its own channel secret
         refs = [
-            a.start.remote(address, spec, self.mesh_axes, self.row_axis, heartbeat, secret)
-            for a, spec in zip(self.actors, self.specs, strict=True)
+            a.start.remote(address, spec, self.mesh_axes, self.row_axis, heartbeat, key)
+            for a, spec, key in zip(self.actors, self.specs, keys, strict=True)
         ]
         self.placements = self._gather(refs, "start", timeout=max(o.timeout_s, 180))
-        self._connect(secret)
+        self._connect(keys)
         self.start_seconds = time.perf_counter() - t0
         log.info("started %d shard actors in %.1fs", self.num_shards, self.start_seconds)
 
@@ -160,14 +161,14 @@ class RayBackend:
                     raise
                 time.sleep(0.2)
 
-    def _connect(self, secret: bytes) -> None:
+    def _connect(self, keys: Sequence[ChannelKey]) -> None:
         """Open the commit channel to every shard (``ray.channel: socket``)."""
         if self.options.channel != "socket":
             return
-        for i, where in enumerate(self.placements):
+        for i, (where, key) in enumerate(zip(self.placements, keys, strict=True)):
             try:
                 self._clients.append(
-                    ShardClient(tuple(where["channel"]), secret, self.options.timeout_s)
+                    ShardClient(tuple(where["channel"]), key.secret, self.options.timeout_s)
                 )
             except OSError as exc:
                 raise ShardFailedError(i, -1, f"cannot open the commit channel: {exc}") from exc

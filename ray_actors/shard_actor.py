@@ -16,7 +16,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .channel import ChannelKey
 
 
 class ShardActor:
@@ -37,7 +40,7 @@ class ShardActor:
         self._joined = False
         self._lock = threading.Lock()  # the shard is shared with the channel thread
         self._where: dict[str, Any] = {}
-        self._secret = b""
+        self._key: ChannelKey | None = None  # this shard's channel secret and its table's id
         self._server = None
         self._apply_s: deque[float] = deque(maxlen=4096)
 
@@ -58,7 +61,7 @@ class ShardActor:
         mesh_axes: Mapping[str, int],
         row_axis: str,
         heartbeat_timeout_s: int,
-        secret: bytes,
+        key: ChannelKey,
     ) -> dict[str, Any]:
         """Join the JAX job, build the mesh, the shard and its channel; returns where it
         landed (including the channel's address)."""
@@ -91,9 +94,9 @@ class ShardActor:
         check_ownership(mesh, row_axis, layout, {s: s for s in range(layout.num_shards)})
         self._shard = Shard(spec, row_sharding(mesh, row_axis))
         node_ip = ray.util.get_node_ip_address()
-        self._secret = secret
+        self._key = key
         self._server = ShardServer(
-            node_ip, secret, self._serve_frame, self._shard.limits.max_bytes + 64
+            node_ip, key.secret, self._serve_frame, self._shard.limits.max_bytes + 64
         )
         self._where = {
             "shard": self.shard_id,
@@ -158,10 +161,10 @@ class ShardActor:
     def where(self) -> dict[str, Any]:
         return self._where
 
-    def channel_secret(self) -> bytes:
-        """For a coordinator that attaches to this running shard (over Ray's authenticated
-        control plane)."""
-        return self._secret
+    def channel_secret(self) -> ChannelKey | None:
+        """This shard's :class:`~ray_actors.channel.ChannelKey`, for a coordinator that
+        attaches to it (over Ray's authenticated control plane)."""
+        return self._key
 
     def run(self, fn: Callable[..., Any], args: tuple) -> Any:
         with self._lock:
