@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -28,19 +27,20 @@ from ..shard.checksum import GroupConsts
 from ..shard.messages import Ack, ShardBatch
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
-from ..table.validation import check_count, check_index
+from ..table.validation import check_count
 from .attach import adopt
 from .backend import Backend, Result
-from .epochs import expected_after, failures, new_generation, published_states
+from .epochs import expected_after, failures, live_rows, new_generation, published_states
 from .pooled import GuardedRowOps
+from .reads import ShardReads
 from .receipt import CommitReceipt, ShardReceipt
 from .start import check_args, check_pool_pages, start_backend
-from .view import GroupView, synchronized
+from .view import GroupView
 
 log = logging.getLogger(__name__)
 
 
-class ShardedPageTable(GuardedRowOps):
+class ShardedPageTable(GuardedRowOps, ShardReads):
     """``MultiGroupPageTable`` semantics with rows sharded over ``num_shards`` shards.
 
     Args:
@@ -106,6 +106,7 @@ class ShardedPageTable(GuardedRowOps):
         self.recover_mode = recover
         self.max_recoveries = max_recoveries
         self.recoveries: list[float] = []  # seconds each recovery took
+        self.lost_kv_rows = np.empty(0, np.int32)  # i32[k] live rows the last recovery lost
         self._lock = threading.RLock()
         self.widths = widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
         if pages_per_shard is not None:
@@ -193,46 +194,6 @@ class ShardedPageTable(GuardedRowOps):
             why = f"the table is fail-closed after an earlier failure ({self._failed.reason})"
             raise ShardFailedError(self._failed.shard, self._failed.epoch, why)
         return backend
-
-    @synchronized  # a commit in another thread would donate the buffers under us
-    def _group_array(self, group: int) -> jax.Array:
-        return self._live_backend().group_array(group)
-
-    def device_snapshot(self, group: int) -> np.ndarray:
-        """``i32[R, P]`` numpy copy of group ``group``'s committed device table."""
-        group = check_index(group, len(self._hosts), "group")
-        return self._read(lambda backend: backend.device_snapshot(group))
-
-    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """Run ``fn(list_of_group_arrays, *args)`` in every shard process at once.
-
-        The arrays are the committed global arrays (each process sees its addressable part),
-        so a jitted function over them is an SPMD program across the shard processes. ``fn``
-        is trusted driver code, run with the shard process's privileges; if it raises,
-        :class:`RunOnShardsError` names the shard and the table stays healthy.
-        """
-        return self._read(lambda backend: backend.run_on_shards(fn, *args))
-
-    def shard_status(self) -> list[tuple[int, int]]:
-        """``(epoch, checksum)`` each shard reports now; all equal to ``(t.epoch, receipt
-        checksum)`` when the table is healthy."""
-        return self._read(lambda backend: [(a.epoch, a.checksum) for a in backend.status()])
-
-    def _read(self, fn: Callable[[Backend], Any]) -> Any:
-        """A read on the shards; a lost shard fails the table closed."""
-
-        def guarded(backend: Backend) -> Any:
-            try:
-                return fn(backend)
-            except ShardFailedError as exc:
-                self._failed = exc
-                raise
-            except FencedError as exc:
-                self._fenced = exc
-                raise
-
-        with self._lock:
-            return self._retrying(guarded)
 
     def _retrying(self, fn: Callable[[Backend], Any]) -> Any:
         """``fn(backend)``; with ``recover="auto"`` a failed table is recovered first, and a
@@ -336,14 +297,17 @@ class ShardedPageTable(GuardedRowOps):
 
         Every shard is restarted (a JAX distributed job cannot continue without one of its
         processes), re-seeded from the coordinator's published rows and verified by
-        checksum. Pending changes stay pending for the next commit. Returns the seconds it
-        took; raises :class:`ShardFailedError` if a new shard fails too.
+        checksum. Pending changes stay pending for the next commit. The page table survives;
+        what the shard processes computed does not: ``lost_kv_rows`` then names every row
+        that was live, whose KV the scheduler must recompute. Returns the seconds it took;
+        raises :class:`ShardFailedError` if a new shard fails too.
         """
         with self._lock:
             backend = self._open()
             if self._fenced is not None:
                 raise self._fenced  # the shards belong to a newer coordinator: never restart them
             t0 = time.perf_counter()
+            self.lost_kv_rows = live_rows(self._hosts)
             try:
                 backend.restart()
                 self._fence(backend)

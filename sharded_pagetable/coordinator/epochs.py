@@ -59,6 +59,14 @@ def published_states(
     return out
 
 
+def live_rows(hosts: Sequence[HostRows]) -> np.ndarray:
+    """``i32[k]`` sorted rows holding pages in any group as last published."""
+    live = np.zeros(hosts[0].num_rows, bool)
+    for host in hosts:
+        live |= host.published > 0
+    return np.flatnonzero(live).astype(np.int32)
+
+
 def shard_sums(hosts: Sequence[HostRows], layout: ShardLayout) -> list[int]:
     """Each shard's checksum from scratch, from the published rows' terms."""
     total = np.zeros(layout.num_shards, np.uint64)

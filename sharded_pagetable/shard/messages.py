@@ -12,7 +12,16 @@ import numpy as np
 
 from ..constants import OP_APPEND, OP_CLEAR, OP_SET
 
-__all__ = ["OP_APPEND", "OP_CLEAR", "OP_SET", "Ack", "GroupBatch", "Refusal", "ShardBatch"]
+__all__ = [
+    "OP_APPEND",
+    "OP_CLEAR",
+    "OP_SET",
+    "Ack",
+    "GroupBatch",
+    "Refusal",
+    "Schedule",
+    "ShardBatch",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,12 +75,27 @@ class GroupBatch:
 
 
 @dataclass(frozen=True, eq=False)
+class Schedule:
+    """One model step's token counts for a shard's rows (local row order), as the
+    scheduler gives them: ``sched`` i32[rows] tokens scheduled now, ``done`` i32[rows]
+    tokens already computed. The shard builds the step's inputs from them on its devices."""
+
+    sched: np.ndarray
+    done: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.sched.nbytes + self.done.nbytes
+
+
+@dataclass(frozen=True, eq=False)
 class ShardBatch:
     """Everything one shard applies for one epoch, on top of epoch ``base``.
 
     A full-state batch (``base == 0``, one SET per non-empty row) rebuilds a shard or
     exports one. ``generation`` is the sending coordinator's: a shard applies only batches of
-    the generation it was last fenced to (see ``Shard.fence``).
+    the generation it was last fenced to (see ``Shard.fence``). ``schedule``, when the
+    commit carries one, is the step's per-row token counts of the shard's rows.
     """
 
     epoch: int
@@ -79,6 +103,7 @@ class ShardBatch:
     shard: int
     groups: tuple[GroupBatch, ...]
     generation: int = 0
+    schedule: Schedule | None = None
 
     @property
     def rows(self) -> int:
@@ -86,7 +111,8 @@ class ShardBatch:
 
     @property
     def nbytes(self) -> int:
-        return sum(g.nbytes for g in self.groups)
+        extra = 0 if self.schedule is None else self.schedule.nbytes
+        return extra + sum(g.nbytes for g in self.groups)
 
     @classmethod
     def full_state(

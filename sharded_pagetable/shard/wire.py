@@ -2,7 +2,8 @@
 
 A batch (one per shard per commit, and the full-state messages of recovery and attach) is a
 msgpack map ``{"v", "epoch", "base", "shard", "groups"}`` plus ``"gen"`` (the coordinator's
-generation; absent means 0); ``groups`` holds one map per KV-cache group with the columns
+generation; absent means 0) and, for a commit with a step schedule, ``"sched"`` and
+``"done"`` (one int32 per shard row); ``groups`` holds one map per KV-cache group with the columns
 of :class:`~.messages.GroupBatch` as little-endian int32 byte strings. A reply is
 ``{"v", "ack": [shard, epoch, checksum, rows, applied, generation]}`` or
 ``{"v", "refused": [shard, kind, message, generation]}``.
@@ -21,12 +22,13 @@ import numpy as np
 from ..constants import MAX_PAGE_ID
 from ..errors import WireFormatError
 from . import kernels
-from .messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, ShardBatch
+from .messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, Schedule, ShardBatch
 
 VERSION = 1
 
 _KEYS = frozenset({"v", "epoch", "base", "shard", "groups"})
-_OPTIONAL_KEYS = frozenset({"gen"})
+_OPTIONAL_KEYS = frozenset({"gen", "sched", "done"})
+_MAX_TOKENS = 2**31 - 1
 _GROUP_KEYS = ("op", "row", "start", "count", "pages")
 _I32 = np.dtype("<i4")
 _MAX_EPOCH = 2**63 - 1
@@ -53,7 +55,7 @@ class WireLimits:
     @property
     def max_bytes(self) -> int:
         per_group = [self.num_rows * 4 * (4 + w) + 256 for w in self.widths]
-        return 256 + sum(per_group)
+        return 256 + sum(per_group) + 8 * self.num_rows + 64  # + a step's schedule
 
 
 # -- batches ----------------------------------------------------------------------------
@@ -68,6 +70,9 @@ def encode(batch: ShardBatch) -> bytes:
     msg = {"v": VERSION, "epoch": batch.epoch, "base": batch.base, "shard": batch.shard}
     if batch.generation:
         msg["gen"] = batch.generation
+    if batch.schedule is not None:
+        msg["sched"] = np.ascontiguousarray(batch.schedule.sched, dtype=_I32).tobytes()
+        msg["done"] = np.ascontiguousarray(batch.schedule.done, dtype=_I32).tobytes()
     msg["groups"] = groups
     return msgpack.packb(msg, use_bin_type=True)
 
@@ -168,7 +173,29 @@ def decode(data: bytes, limits: WireLimits) -> ShardBatch:
         shard,
         tuple(_decode_group(gr, g, limits) for g, gr in enumerate(groups)),
         generation,
+        _decode_schedule(msg, limits),
     )
+
+
+def _decode_schedule(msg: dict, limits: WireLimits) -> Schedule | None:
+    """A step's per-row token counts: both columns or neither, one entry per shard row,
+    non-negative, and no row past ``2**31 - 1`` tokens."""
+    if "sched" not in msg and "done" not in msg:
+        return None
+    if "sched" not in msg or "done" not in msg:
+        raise WireFormatError("a schedule needs both sched and done")
+    cols = []
+    for key in ("sched", "done"):
+        raw = msg[key]
+        if type(raw) is not bytes or len(raw) != 4 * limits.num_rows:
+            raise WireFormatError(f"{key} must be {limits.num_rows} int32 values")
+        cols.append(np.frombuffer(raw, dtype=_I32))
+    sched, done = cols
+    if sched.min() < 0 or done.min() < 0:
+        raise WireFormatError("scheduled and computed token counts must be non-negative")
+    if (sched.astype(np.int64) + done).max() > _MAX_TOKENS:
+        raise WireFormatError(f"a row's tokens must stay below {_MAX_TOKENS}")
+    return Schedule(sched, done)
 
 
 # -- replies ----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..serving.slot_mapping import compute_slot_mapping
 from .host import HostRows, PageIds
+from .slot_mapping import compute_slot_mapping
 from .validation import check_index, check_list, group_lists
 
 
@@ -109,7 +109,7 @@ class MultiGroupRowOps:
 
     def compute_slot_mapping(self, group: int, req_indices: object, positions: object):
         """``i32[max_num_batched_tokens]`` slots of the scheduled tokens in ``group``, from
-        the host table (see :mod:`sharded_pagetable.serving.slot_mapping`)."""
+        the host table (see :mod:`sharded_pagetable.table.slot_mapping`)."""
         host = self._hosts[check_index(group, len(self._hosts), "group")]
         return compute_slot_mapping(
             host.table,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..constants import SLOT_MAPPING_PADDING_VAL
-from ..table.validation import check_list, int_items
+from .validation import check_list, int_items
 
 
 def _int_array(values: object, what: str) -> np.ndarray:
