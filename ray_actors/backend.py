@@ -11,13 +11,18 @@ import numpy as np
 import ray
 
 from sharded_pagetable.config import RayOptions
-from sharded_pagetable.errors import ShardFailedError, WireFormatError
+from sharded_pagetable.errors import (
+    FencedError,
+    RunOnShardsError,
+    ShardFailedError,
+    WireFormatError,
+)
 from sharded_pagetable.shard.messages import Ack, Refusal, ShardBatch
 from sharded_pagetable.shard.shard import ShardSpec
 from sharded_pagetable.shard.wire import WireLimits, decode, decode_reply, encode
 
 from .channel import ChannelClosedError, ChannelKey, ShardClient, new_keys
-from .cluster import connect, release, spread_strategies
+from .cluster import connect, reap, release, spread_strategies
 from .shard_actor import ShardActor
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,7 @@ class RayBackend:
         self._clients: list[ShardClient] = []  # commit channels, one per shard
         self._limits = WireLimits(specs[0].layout.rows_per_shard, specs[0].widths)
         self._in_flight: list[Any] = []  # what send() started, for collect()
+        self._generation = 0  # the coordinator generation this backend last fenced with
         self._graph_broken = False
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
@@ -75,7 +81,10 @@ class RayBackend:
             else:
                 self._start()
         except BaseException:
-            self.close(clean=False)
+            if attach:  # never stop shards this backend did not start
+                self.detach()
+            else:
+                self.close(clean=False)
             raise
 
     def actor_name(self, shard: int) -> str:
@@ -97,6 +106,16 @@ class RayBackend:
                 ) from None
             self.actors.append(actor)
         self.placements = self._gather([a.where.remote() for a in self.actors], "attach")
+        for i, (where, spec) in enumerate(zip(self.placements, self.specs, strict=True)):
+            want = spec.shape
+            if where.get("shape") != want:
+                raise ShardFailedError(
+                    i,
+                    -1,
+                    f"the running shard holds a table of shape {where.get('shape')} "
+                    f"(rows, shards, device blocks, pages per row), this config {want}",
+                    during="attaching",
+                )
         keys = self._gather([a.channel_secret.remote() for a in self.actors], "attach")
         tables = [k.table_id for k in keys]
         if len(set(tables)) != 1:
@@ -274,7 +293,9 @@ class RayBackend:
         except WireFormatError as exc:
             return ChannelClosedError(f"shard {shard} sent a malformed reply: {exc}")
         if isinstance(reply, Refusal):
-            return (WireFormatError if reply.wire else RuntimeError)(reply.message)
+            if reply.kind == "fenced":
+                return FencedError(self._generation, reply.generation)
+            return (WireFormatError if reply.kind == "wire" else RuntimeError)(reply.message)
         if reply.shard != shard:
             return ChannelClosedError(f"shard {shard} answered as shard {reply.shard}")
         return reply
@@ -328,15 +349,38 @@ class RayBackend:
             for s, r in zip(shards, results, strict=True)
         ]
 
-    def rollback(self, shards: Sequence[int], epoch: int) -> list[Ack | BaseException]:
-        return self._replies([self.actors[i].rollback.remote(epoch) for i in shards], shards)
+    def fence(self, generation: int) -> list[Ack | BaseException]:
+        self._generation = generation
+        refs = [a.fence.remote(generation) for a in self.actors]
+        return self._replies(refs, range(self.num_shards))
+
+    def rollback(
+        self, shards: Sequence[int], epoch: int, generation: int
+    ) -> list[Ack | BaseException]:
+        refs = [self.actors[i].rollback.remote(epoch, generation) for i in shards]
+        return self._replies(refs, shards)
 
     def device_snapshot(self, group: int) -> np.ndarray:
         parts = self._gather([a.snapshot.remote(group) for a in self.actors], "snapshot")
         return np.concatenate(parts)
 
     def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        return self._gather([a.run.remote(fn, args) for a in self.actors], "run_on_shards")
+        """``fn`` in every shard process. What ``fn`` raises (or a result that cannot be sent
+        back) is the caller's :class:`RunOnShardsError`; only a shard that is gone or does not
+        answer within ``timeout_s`` is a shard failure."""
+        results = self._results(
+            [a.run.remote(fn, args) for a in self.actors], self.options.timeout_s
+        )
+        for i, res in enumerate(results):
+            if isinstance(res, ray.exceptions.RayTaskError):
+                cause = getattr(res, "cause", None) or res
+                raise RunOnShardsError(i, type(cause).__name__, str(cause)[:2000]) from None
+        for i, res in enumerate(results):
+            if isinstance(res, BaseException):
+                raise ShardFailedError(
+                    i, -1, f"{type(res).__name__}: {res}", during="running a run_on_shards function"
+                )
+        return results
 
     def status(self) -> list[Ack]:
         replies = self._gather([a.status.remote() for a in self.actors], "status")
@@ -346,17 +390,25 @@ class RayBackend:
                 raise ShardFailedError(i, -1, f"status failed: {r}")
         return out
 
-    def reseed(self, states: Sequence[ShardBatch | None]) -> list[Ack | BaseException]:
+    def reseed(
+        self, states: Sequence[ShardBatch | None], generation: int
+    ) -> list[Ack | BaseException]:
         messages = [None if b is None else encode(b) for b in states]
-        refs = [a.reseed.remote(m) for a, m in zip(self.actors, messages, strict=True)]
+        refs = [a.reseed.remote(m, generation) for a, m in zip(self.actors, messages, strict=True)]
         return self._replies(refs, range(self.num_shards))
 
-    def export(self) -> list[ShardBatch | None]:
-        messages = self._gather([a.export.remote() for a in self.actors], "export")
-        try:
-            return [None if m is None else decode(m, self._limits) for m in messages]
-        except WireFormatError as exc:
-            raise ShardFailedError(-1, -1, f"a shard exported a malformed state: {exc}") from None
+    def export(self, generation: int) -> list[ShardBatch | None]:
+        messages = self._gather([a.export.remote(generation) for a in self.actors], "export")
+        out = []
+        for i, m in enumerate(messages):
+            try:
+                out.append(None if m is None else decode(m, self._limits))
+            except WireFormatError as exc:
+                refusal = self._reply(i, m)  # a refusal instead of a state?
+                if isinstance(refusal, FencedError):
+                    raise refusal from None
+                raise ShardFailedError(i, -1, f"exported a malformed state: {exc}") from None
+        return out
 
     def group_array(self, group: int):
         raise RuntimeError(
@@ -376,6 +428,9 @@ class RayBackend:
                 ray.kill(a, no_restart=True)
             except Exception as exc:  # already dead
                 log.debug("kill failed: %s", exc)
+        killed = reap(self.placements)  # a stopped process must not keep its devices
+        if killed:
+            log.warning("killed shard processes %s that did not exit when asked", killed)
         release(self._pg)
         self._pg = None
 

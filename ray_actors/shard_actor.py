@@ -73,6 +73,7 @@ class ShardActor:
         from sharded_pagetable.shard.shard import Shard
 
         from .channel import ShardServer
+        from .cluster import process_start_ticks
 
         kwargs = {}
         if self.shard_id == 0:
@@ -101,11 +102,13 @@ class ShardActor:
         self._where = {
             "shard": self.shard_id,
             "pid": os.getpid(),
+            "start_ticks": process_start_ticks(os.getpid()),
             "node_id": ray.get_runtime_context().get_node_id(),
             "node_ip": node_ip,
             "devices": [str(d) for d in jax.local_devices()],
             "rows": (self._shard.lo, self._shard.hi),
             "channel": list(self._server.address),
+            "shape": spec.shape,
         }
         return self._where
 
@@ -115,17 +118,23 @@ class ShardActor:
     def _reply(self, fn: Callable[..., Any], *args: Any) -> bytes:
         """``fn(*args)`` on the shard under the lock, answered in the wire format: its ack,
         or a refusal saying why (the driver decides what a refusal means)."""
-        from sharded_pagetable.errors import WireFormatError
-        from sharded_pagetable.shard.messages import Refusal
         from sharded_pagetable.shard.wire import encode_reply
 
         with self._lock:
             try:
                 result = fn(*args)
             except Exception as exc:
-                wire = isinstance(exc, WireFormatError)
-                result = Refusal(self.shard_id, wire, f"{type(exc).__name__}: {exc}")
+                result = self._refusal(exc)
         return encode_reply(result)
+
+    def _refusal(self, exc: Exception):
+        from sharded_pagetable.errors import FencedError, WireFormatError
+        from sharded_pagetable.shard.messages import Refusal
+
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, FencedError):
+            return Refusal(self.shard_id, "fenced", text, exc.holder)
+        return Refusal(self.shard_id, "wire" if isinstance(exc, WireFormatError) else "error", text)
 
     def apply(self, message: bytes) -> bytes:
         t0 = time.perf_counter()
@@ -137,21 +146,28 @@ class ShardActor:
         """Wall time of the recent ``apply`` calls inside this process (for benchmarks)."""
         return list(self._apply_s)
 
-    def rollback(self, epoch: int) -> bytes:
-        return self._reply(self._shard.rollback, epoch)
+    def fence(self, generation: int) -> bytes:
+        return self._reply(self._shard.fence, generation)
 
-    def reseed(self, message: bytes | None) -> bytes:
-        return self._reply(self._shard.reseed, message)
+    def rollback(self, epoch: int, generation: int) -> bytes:
+        return self._reply(self._shard.rollback, epoch, generation)
+
+    def reseed(self, message: bytes | None, generation: int) -> bytes:
+        return self._reply(self._shard.reseed, message, generation)
 
     def status(self) -> bytes:
         return self._reply(self._shard.status)
 
-    def export(self) -> bytes | None:
-        """This shard's rows as a full-state wire message at its epoch (None at epoch 0)."""
-        from sharded_pagetable.shard.wire import encode
+    def export(self, generation: int) -> bytes | None:
+        """This shard's rows as a full-state wire message at its epoch (None at epoch 0), or
+        a refusal reply when ``generation`` may not read them."""
+        from sharded_pagetable.shard.wire import encode, encode_reply
 
         with self._lock:
-            state = self._shard.export()
+            try:
+                state = self._shard.export(generation)
+            except Exception as exc:
+                return encode_reply(self._refusal(exc))
         return None if state is None else encode(state)
 
     def snapshot(self, group: int):
