@@ -34,6 +34,10 @@ class HostRows:
     Invariant: ``table[r, counts[r]:]`` is ``PAGE_TABLE_PADDING_VAL`` for every row.
     ``state[r]`` is ``CLEAN``, ``APPENDED`` (only pages added since the row was last
     published, so its published prefix still holds) or ``REWRITTEN`` (anything else).
+    ``cpu_version`` grows with every write that can change ``table`` or ``counts`` (never
+    for a refused call, a commit, or a move or swap of a row with itself): equal versions
+    mean an unchanged host table, so callers may cache views derived from it (EasyDeL's
+    eSurge runner does).
 
     With ``consts`` (the sharded coordinator) it also keeps what recovery and checksums need:
     the published pages of a row, saved the first time the row is rewritten after a commit,
@@ -66,6 +70,7 @@ class HostRows:
         self.consts = consts
         self.terms = np.zeros(num_rows, np.uint64) if consts is not None else None  # u64[R]
         self._saved: dict[int, np.ndarray] | None = {} if consts is not None else None
+        self.cpu_version = 0  # bumped after each write below, once it has happened
 
     # -- checks (no state change) ------------------------------------------------------
 
@@ -112,6 +117,7 @@ class HostRows:
         self.counts[row] = start + n
         if not self._state[row]:
             self._state[row] = APPENDED
+        self.cpu_version += 1
 
     def checked_append(self, row: int, ids: PageIds) -> None:
         """``check_room`` and ``append`` with one read of the count (the hot path)."""
@@ -124,6 +130,7 @@ class HostRows:
             self.counts[row] = start + n
             if not self._state[row]:
                 self._state[row] = APPENDED
+            self.cpu_version += 1
 
     def replace(self, row: int, ids: PageIds) -> None:
         self._rewrite(row)
@@ -132,11 +139,13 @@ class HostRows:
         if old > n:
             self.table[row, n:old] = PAGE_TABLE_PADDING_VAL
         self.counts[row] = n
+        self.cpu_version += 1
 
     def clear_row(self, row: int) -> None:
         self._rewrite(row)
         self.table[row, : self.counts.item(row)] = PAGE_TABLE_PADDING_VAL
         self.counts[row] = 0
+        self.cpu_version += 1
 
     def copy_row(self, src: int, tgt: int) -> None:
         if src == tgt:
@@ -147,6 +156,7 @@ class HostRows:
         m = n if n >= old else old
         self.table[tgt, :m] = self.table[src, :m]
         self.counts[tgt] = n
+        self.cpu_version += 1
 
     def swap_rows(self, a: int, b: int) -> None:
         if a == b:
@@ -160,6 +170,7 @@ class HostRows:
         table[a, :m] = table[b, :m]
         table[b, :m] = held
         counts[a], counts[b] = nb, na
+        self.cpu_version += 1
 
     def reset(self) -> None:
         """Empty every row; what was published stays published until the next commit."""
@@ -168,6 +179,7 @@ class HostRows:
         self.table.fill(PAGE_TABLE_PADDING_VAL)
         self.counts.fill(0)
         self.state[self.published == 0] = CLEAN
+        self.cpu_version += 1
 
     # -- publication ---------------------------------------------------------------------
 
@@ -235,6 +247,7 @@ class HostRows:
         self.table[r, c] = batch.pages
         self.counts[rows] = batch.count
         self.published[rows] = batch.count
+        self.cpu_version += 1
         if self.terms is not None:
             glob = GroupBatch(
                 batch.op, rows.astype(np.int32), batch.start, batch.count, batch.pages

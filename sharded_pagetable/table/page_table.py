@@ -24,9 +24,10 @@ class PageTable:
       max_num_reqs: rows (concurrent requests).
       max_num_pages_per_req: pages a row can hold.
       max_num_batched_tokens: per-step token budget (kept for the seed's API and slot mapping).
+      sharding: layout of the device table, e.g. ``NamedSharding(mesh, P("data", None))`` or
+        replicated ``NamedSharding(mesh, P())`` (what EasyDeL's eSurge passes); default: the
+        first device. Fourth positional argument, as in EasyDeL 0.3.0.
       num_pages: if given, page ids must be below it.
-      sharding: layout of the device table, e.g. ``NamedSharding(mesh, P("data", None))``;
-        default: the first device.
       warmup: compile the device update for every bucket size now.
 
     Example::
@@ -41,9 +42,9 @@ class PageTable:
         max_num_reqs: int,
         max_num_pages_per_req: int,
         max_num_batched_tokens: int,
+        sharding: jax.sharding.Sharding | None = None,
         *,
         num_pages: int | None = None,
-        sharding: jax.sharding.Sharding | None = None,
         warmup: bool = True,
     ) -> None:
         for name, value in (
@@ -56,6 +57,8 @@ class PageTable:
                 raise ValueError(f"{name} must be positive, got {value}")
         if num_pages is not None and check_count(num_pages, 2**31, "num_pages") < 1:
             raise ValueError(f"num_pages must be positive, got {num_pages}")
+        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+            raise TypeError(f"sharding must be a jax.sharding.Sharding or None, got {sharding!r}")
         self.max_num_reqs = max_num_reqs
         self.max_num_pages_per_req = max_num_pages_per_req
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -73,6 +76,13 @@ class PageTable:
     @property
     def num_pages_per_row(self) -> np.ndarray:  # i32[R]
         return self._host.counts
+
+    @property
+    def cpu_version(self) -> int:
+        """Grows with every change to the host table (not with commits or refused calls);
+        equal values mean an unchanged :meth:`get_cpu_tensor`, so views derived from it may
+        be cached on it, as EasyDeL's eSurge runner does."""
+        return self._host.cpu_version
 
     def append_row(self, page_ids: PageIds, row_idx: int) -> None:
         """Append ``page_ids`` after the row's current pages."""
@@ -143,7 +153,9 @@ class MultiGroupPageTable(MultiGroupRowOps):
 
     Group ``g`` holds ``cdiv(max_model_len, page_sizes[g])`` pages per row; ``page_ids``
     arguments are ``[group][pages]`` and ``append_rows_batch`` takes
-    ``[request][group][pages]``, as in the seed.
+    ``[request][group][pages]``, as in the seed. The constructor accepts EasyDeL 0.3.0's call
+    forms, ``sharding`` included (fifth positional argument or keyword), and ``t[g]``
+    exposes ``cpu_version``.
 
     Example::
 
@@ -158,9 +170,9 @@ class MultiGroupPageTable(MultiGroupRowOps):
         max_model_len: int,
         max_num_batched_tokens: int,
         page_sizes: Sequence[int],
+        sharding: jax.sharding.Sharding | None = None,
         *,
         num_pages: int | None = None,
-        sharding: jax.sharding.Sharding | None = None,
         warmup: bool = True,
     ) -> None:
         page_sizes = check_page_sizes(page_sizes)
