@@ -21,15 +21,13 @@ from sharded_pagetable.shard.messages import Ack, Refusal, ShardBatch
 from sharded_pagetable.shard.shard import ShardSpec
 from sharded_pagetable.shard.wire import WireLimits, decode, decode_reply, encode
 
-from .channel import ChannelClosedError, ChannelKey, ShardClient, new_keys
+from .calls import per_shard
+from .channel import ChannelClosedError, new_keys
 from .cluster import connect, reap, release, spread_strategies
+from .delivery import EpochDelivery
 from .shard_actor import ShardActor
 
 log = logging.getLogger(__name__)
-
-
-class ShardTimeoutError(TimeoutError):
-    """A shard did not answer within ``ray.timeout_s``."""
 
 
 class RayBackend:
@@ -67,12 +65,9 @@ class RayBackend:
             )
         self._owns_ray = connect(options.address, options.namespace)
         self._pg = None
-        self._cdag = None  # compiled graph delivering apply messages
-        self._clients: list[ShardClient] = []  # commit channels, one per shard
+        self._delivery: EpochDelivery | None = None  # how commit messages reach the shards
         self._limits = WireLimits(specs[0].layout.rows_per_shard, specs[0].widths)
-        self._in_flight: list[Any] = []  # what send() started, for collect()
         self._generation = 0  # the coordinator generation this backend last fenced with
-        self._graph_broken = False
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
         try:
@@ -120,7 +115,7 @@ class RayBackend:
         tables = [k.table_id for k in keys]
         if len(set(tables)) != 1:
             raise ShardFailedError(0, -1, f"attached shards belong to different tables: {tables}")
-        self._connect(keys)
+        self._delivery = EpochDelivery(self.actors, self.placements, keys, self.options)
         if self.options.placement == "spread":
             try:
                 self._pg = ray.util.get_placement_group(f"{self.options.name}-pg")
@@ -165,7 +160,7 @@ class RayBackend:
             for a, spec, key in zip(self.actors, self.specs, keys, strict=True)
         ]
         self.placements = self._gather(refs, "start", timeout=max(o.timeout_s, 180))
-        self._connect(keys)
+        self._delivery = EpochDelivery(self.actors, self.placements, keys, self.options)
         self.start_seconds = time.perf_counter() - t0
         log.info("started %d shard actors in %.1fs", self.num_shards, self.start_seconds)
 
@@ -180,111 +175,30 @@ class RayBackend:
                     raise
                 time.sleep(0.2)
 
-    def _connect(self, keys: Sequence[ChannelKey]) -> None:
-        """Open the commit channel to every shard (``ray.channel: socket``)."""
-        if self.options.channel != "socket":
-            return
-        for i, (where, key) in enumerate(zip(self.placements, keys, strict=True)):
-            try:
-                self._clients.append(
-                    ShardClient(tuple(where["channel"]), key.secret, self.options.timeout_s)
-                )
-            except OSError as exc:
-                raise ShardFailedError(i, -1, f"cannot open the commit channel: {exc}") from exc
-
-    def _close_clients(self) -> None:
-        clients, self._clients = self._clients, []
-        for client in clients:
-            client.close()
-
     def restart(self) -> None:
         """Replace every shard process (a JAX job cannot continue without one of them)."""
         self._kill_all()
-        self._graph_broken = False
         self._start()
 
     # -- calls -----------------------------------------------------------------------
 
-    def _results(self, refs: list, timeout: float) -> list[Any]:
-        """Per-ref result or the exception it raised; a ref not ready in time gets a timeout."""
-        deadline = time.monotonic() + timeout
-        try:
-            return ray.get(refs, timeout=timeout)
-        except Exception:
-            pass  # one ref failed (or time ran out): resolve each ref on its own
-        remaining = max(0.0, deadline - time.monotonic())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=remaining)
-        ready_set = set(ready)
-        out: list[Any] = []
-        for i, ref in enumerate(refs):
-            if ref not in ready_set:
-                out.append(ShardTimeoutError(f"shard {i} did not answer within {timeout}s"))
-                continue
-            try:
-                out.append(ray.get(ref))
-            except Exception as exc:
-                out.append(exc)
-        return out
-
     def _gather(self, refs: list, what: str, timeout: float | None = None) -> list[Any]:
-        results = self._results(refs, self.options.timeout_s if timeout is None else timeout)
+        results = per_shard(refs, self.options.timeout_s if timeout is None else timeout)
         for i, res in enumerate(results):
             if isinstance(res, BaseException):
                 raise ShardFailedError(i, -1, f"{what} failed: {type(res).__name__}: {res}")
         return results
 
     def send(self, batches: Sequence[ShardBatch]) -> None:
-        """Start delivering one batch per shard.
-
-        Over the socket channel (default) every frame is written before any ack is read, so
-        the coordinator's own work overlaps the shards'. Otherwise the messages go through
-        the compiled graph when there is one, else ordinary actor calls.
-        """
-        messages = [encode(b) for b in batches]
-        if self._clients:
-            self._in_flight = [self._send_frame(i, m) for i, m in enumerate(messages)]
-            return
-        graph = self._graph()
-        if graph is not None:
-            try:
-                self._in_flight = [("graph", graph.execute(*messages), messages)]
-                return
-            except Exception as exc:
-                log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
-                self._teardown_graph(broken=True)
-        self._in_flight = [
-            ("refs", [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)])
-        ]
-
-    def _send_frame(self, i: int, message: bytes) -> BaseException | None:
-        client = self._clients[i]
-        if client.broken:
-            return ChannelClosedError(f"shard {i}'s channel is closed")
-        try:
-            client.send(message)
-        except OSError as exc:
-            return exc
-        return None
+        """Start delivering one batch per shard (see :class:`EpochDelivery`)."""
+        self._delivery.send([encode(b) for b in batches])
 
     def collect(self) -> list[Ack | BaseException]:
-        """Every shard's answer to the last :meth:`send`. Any trouble on the compiled graph
-        tears it down and re-sends over actor calls, which tells the shards apart (a shard
-        that already applied the epoch acknowledges the re-send only)."""
-        in_flight, self._in_flight = self._in_flight, []
-        if self._clients:
-            return self._collect_channel(in_flight)
-        kind, refs, *messages = in_flight[0]
-        if kind == "graph":
-            try:
-                return [
-                    self._reply(i, r)
-                    for i, r in enumerate(ray.get(refs, timeout=self.options.timeout_s))
-                ]
-            except Exception as exc:
-                log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
-                self._teardown_graph(broken=True)
-                refs = [a.apply.remote(m) for a, m in zip(self.actors, messages[0], strict=True)]
-        return self._replies(refs, range(self.num_shards))
+        """Every shard's answer to the last :meth:`send`."""
+        return [
+            r if isinstance(r, BaseException) else self._reply(i, r)
+            for i, r in enumerate(self._delivery.collect())
+        ]
 
     def _reply(self, shard: int, data: bytes) -> Ack | BaseException:
         """A shard's wire reply as an ack, or the exception its refusal stands for."""
@@ -300,50 +214,9 @@ class RayBackend:
             return ChannelClosedError(f"shard {shard} answered as shard {reply.shard}")
         return reply
 
-    def _collect_channel(self, sent: list[BaseException | None]) -> list[Ack | BaseException]:
-        deadline = time.monotonic() + self.options.timeout_s
-        results: list[Ack | BaseException] = []
-        for i, (client, failed) in enumerate(zip(self._clients, sent, strict=True)):
-            if failed is not None:
-                results.append(failed)
-                continue
-            try:
-                results.append(self._reply(i, client.recv(deadline)))
-            except TimeoutError:
-                client.close()  # a late ack must not be read as the next epoch's
-                results.append(
-                    ShardTimeoutError(f"shard {i} did not answer within {self.options.timeout_s}s")
-                )
-            except OSError as exc:
-                results.append(exc)
-        return results
-
-    def _graph(self):
-        """The compiled apply graph, compiled on first use; None when disabled or broken."""
-        if self._cdag is None and self.options.channel == "compiled" and not self._graph_broken:
-            try:
-                from ray.dag import InputNode, MultiOutputNode
-
-                with InputNode() as inp:
-                    dag = MultiOutputNode([a.apply.bind(inp[i]) for i, a in enumerate(self.actors)])
-                self._cdag = dag.experimental_compile(_submit_timeout=self.options.timeout_s)
-            except Exception as exc:
-                log.warning("compiled graphs unavailable (%s); using actor calls", exc)
-                self._graph_broken = True
-        return self._cdag
-
-    def _teardown_graph(self, broken: bool = False) -> None:
-        cdag, self._cdag = self._cdag, None
-        self._graph_broken = self._graph_broken or broken
-        if cdag is not None:
-            try:
-                cdag.teardown()
-            except Exception as exc:  # an actor of the graph may be dead already
-                log.debug("graph teardown: %s", exc)
-
     def _replies(self, refs: list, shards: Sequence[int]) -> list[Ack | BaseException]:
         """Decoded replies of calls made on ``shards`` (in that order)."""
-        results = self._results(refs, self.options.timeout_s)
+        results = per_shard(refs, self.options.timeout_s)
         return [
             r if isinstance(r, BaseException) else self._reply(s, r)
             for s, r in zip(shards, results, strict=True)
@@ -368,9 +241,7 @@ class RayBackend:
         """``fn`` in every shard process. What ``fn`` raises (or a result that cannot be sent
         back) is the caller's :class:`RunOnShardsError`; only a shard that is gone or does not
         answer within ``timeout_s`` is a shard failure."""
-        results = self._results(
-            [a.run.remote(fn, args) for a in self.actors], self.options.timeout_s
-        )
+        results = per_shard([a.run.remote(fn, args) for a in self.actors], self.options.timeout_s)
         for i, res in enumerate(results):
             if isinstance(res, ray.exceptions.RayTaskError):
                 cause = getattr(res, "cause", None) or res
@@ -420,8 +291,9 @@ class RayBackend:
         return self._gather([a.pid.remote() for a in self.actors], "pid")
 
     def _kill_all(self) -> None:
-        self._close_clients()
-        self._teardown_graph()
+        if self._delivery is not None:
+            self._delivery.close()
+            self._delivery = None
         actors, self.actors = self.actors, []
         for a in actors:
             try:
@@ -437,8 +309,9 @@ class RayBackend:
     def close(self, clean: bool = True) -> None:
         """Stop every shard actor. ``clean=False`` skips the JAX distributed shutdown (its
         barrier would wait for a dead process) and kills the actors at once."""
-        self._close_clients()
-        self._teardown_graph()
+        if self._delivery is not None:
+            self._delivery.close()
+            self._delivery = None
         if self.actors and clean:
             refs = [a.shutdown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=10)
@@ -449,7 +322,8 @@ class RayBackend:
 
     def detach(self) -> None:
         """Forget the actors without stopping them (a detached table outlives this driver)."""
-        self._close_clients()
-        self._teardown_graph()
+        if self._delivery is not None:
+            self._delivery.close()
+            self._delivery = None
         self.actors = []
         self._pg = None
