@@ -237,11 +237,16 @@ class RayBackend:
         parts = self._gather([a.snapshot.remote(group) for a in self.actors], "snapshot")
         return np.concatenate(parts)
 
-    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    def step_snapshot(self) -> list:
+        return self._gather([a.step_snapshot.remote() for a in self.actors], "step_snapshot")
+
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any, step: bool = False) -> list[Any]:
         """``fn`` in every shard process. What ``fn`` raises (or a result that cannot be sent
         back) is the caller's :class:`RunOnShardsError`; only a shard that is gone or does not
         answer within ``timeout_s`` is a shard failure."""
-        results = per_shard([a.run.remote(fn, args) for a in self.actors], self.options.timeout_s)
+        results = per_shard(
+            [a.run.remote(fn, args, step) for a in self.actors], self.options.timeout_s
+        )
         for i, res in enumerate(results):
             if isinstance(res, ray.exceptions.RayTaskError):
                 cause = getattr(res, "cause", None) or res

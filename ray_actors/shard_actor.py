@@ -182,9 +182,22 @@ class ShardActor:
         attaches to it (over Ray's authenticated control plane)."""
         return self._key
 
-    def run(self, fn: Callable[..., Any], args: tuple) -> Any:
+    def run(self, fn: Callable[..., Any], args: tuple, step: bool = False) -> Any:
+        from sharded_pagetable.shard.step import shard_step
+
         with self._lock:
-            return fn(self._shard.group_arrays(), *args)
+            shard = self._shard
+            if not step:
+                return fn(shard.group_arrays(), *args)
+            if shard.step is None:
+                raise RuntimeError("this table's shards build no step inputs")
+            rows = shard.spec.layout.max_num_reqs
+            view = shard_step(shard.epoch, [shard.step], shard.sharding, self.num_shards, rows)
+            return fn(shard.group_arrays(), view, *args)
+
+    def step_snapshot(self):
+        with self._lock:
+            return self._shard.step_snapshot()
 
     def pid(self) -> int:
         return os.getpid()

@@ -20,7 +20,8 @@ from sharded_pagetable.serving.attention import (
     write_kv,
     zeros_kv_cache,
 )
-from sharded_pagetable.serving.step_inputs import build_step_inputs, check_schedule
+from sharded_pagetable.shard.step_inputs import build_step_inputs
+from sharded_pagetable.table.schedule import check_schedule
 
 NUM_ROWS = 32
 PAGE_SIZES = (4, 8)

@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from step_reference import step_inputs_reference
 
 from sharded_pagetable.constants import cdiv
-from sharded_pagetable.serving import step_inputs as step_inputs_module
-from sharded_pagetable.serving.step_inputs import (
-    build_step_inputs,
-    check_schedule,
-    shard_mesh,
-    step_inputs_reference,
-)
+from sharded_pagetable.routing.mesh import shard_mesh
+from sharded_pagetable.shard import step_inputs as step_inputs_module
+from sharded_pagetable.shard.step_inputs import build_step_inputs
+from sharded_pagetable.table.schedule import check_schedule
 
 NUM_ROWS = 32
 PAGE_SIZES = (4, 8)

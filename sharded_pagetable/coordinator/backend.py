@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from ..shard.messages import Ack, ShardBatch
+from ..shard.step_inputs import StepInputs
 
 Result = Ack | BaseException
 
@@ -55,8 +56,11 @@ class Backend(Protocol):
     def device_snapshot(self, group: int) -> np.ndarray:
         """``i32[R, P]`` copy of group ``group`` as the shards' devices hold it."""
 
-    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """``fn(list_of_group_arrays, *args)`` in every shard process."""
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any, step: bool = False) -> list[Any]:
+        """``fn(list_of_group_arrays, [step,] *args)`` in every shard process."""
+
+    def step_snapshot(self) -> list[StepInputs]:
+        """Every shard's part of the last epoch's step inputs, as numpy."""
 
     def close(self, clean: bool = True) -> None:
         """Stop the shards this backend started."""

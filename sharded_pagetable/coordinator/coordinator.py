@@ -24,17 +24,25 @@ from ..constants import cdiv
 from ..errors import FencedError, ShardFailedError
 from ..routing.pools import PagePools
 from ..shard.checksum import GroupConsts
-from ..shard.messages import Ack, ShardBatch
+from ..shard.messages import Ack, Schedule
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
+from ..table.schedule import check_schedule
 from ..table.validation import check_count
 from .attach import adopt
 from .backend import Backend, Result
-from .epochs import expected_after, failures, live_rows, new_generation, published_states
+from .epochs import (
+    expected_after,
+    failures,
+    live_rows,
+    new_generation,
+    published_states,
+    shard_messages,
+)
 from .pooled import GuardedRowOps
 from .reads import ShardReads
 from .receipt import CommitReceipt, ShardReceipt
-from .start import check_args, check_pool_pages, start_backend
+from .start import check_args, check_pool_pages, start_backend, step_config
 from .view import GroupView
 
 log = logging.getLogger(__name__)
@@ -130,6 +138,8 @@ class ShardedPageTable(GuardedRowOps, ShardReads):
             max_num_reqs=max_num_reqs,
             num_shards=num_shards,
             widths=widths,
+            page_sizes=page_sizes,
+            max_num_batched_tokens=max_num_batched_tokens,
             warmup=warmup,
             ray=ray,
             attach=_attach,
@@ -219,28 +229,51 @@ class ShardedPageTable(GuardedRowOps, ShardReads):
 
     # -- the side-effect point -------------------------------------------------------------
 
-    def commit(self, num_reqs: int) -> CommitReceipt:
+    def commit(
+        self,
+        num_reqs: int,
+        num_scheduled_tokens: object = None,
+        num_computed_tokens: object = None,
+    ) -> CommitReceipt:
         """Publish rows ``[0, num_reqs)`` on every shard as one new epoch; returns a receipt
-        (the epoch; per shard the rows and bytes sent and the checksum it confirmed).
+        (the epoch; per shard the rows and bytes sent and the checksum it confirmed; the KV
+        copies the model step must make).
 
-        If any shard fails, every shard steps back, nothing is published, the mirror keeps
-        the pending changes, and :class:`ShardFailedError` names the shard; with
-        ``recover="auto"`` a lost shard is replaced and the commit retried.
+        With ``num_scheduled_tokens`` and ``num_computed_tokens`` (one int per row below
+        ``num_reqs``) the epoch also carries the step's schedule: every shard builds the
+        step's inputs (:meth:`step_snapshot`) on its own devices. A schedule that does not
+        fit is refused before anything is sent. If any shard fails, every shard steps back,
+        nothing is published, the mirror keeps the pending changes, and
+        :class:`ShardFailedError` names the shard; with ``recover="auto"`` a lost shard is
+        replaced and the commit retried.
         """
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         with self._lock:
-            return self._retrying(lambda backend: self._commit_once(backend, n))
+            schedule = None
+            if num_scheduled_tokens is not None or num_computed_tokens is not None:
+                step = step_config(self.page_sizes, self.max_num_batched_tokens, self.layout)
+                if step is None:
+                    raise ValueError(
+                        f"max_num_batched_tokens={self.max_num_batched_tokens} does not split "
+                        f"into equal token blocks over the {self.layout.num_blocks} devices of "
+                        f"the row axis: this table cannot build step inputs"
+                    )
+                counts = [host.counts for host in self._hosts]
+                schedule = check_schedule(
+                    counts, num_scheduled_tokens, num_computed_tokens, n, self.page_sizes,
+                    self.num_shards, step.tokens_per_shard,
+                )  # fmt: skip
+            return self._retrying(lambda backend: self._commit_once(backend, n, schedule))
 
-    def _commit_once(self, backend: Backend, n: int) -> CommitReceipt:
+    def _commit_once(self, backend: Backend, n: int, schedule: Schedule | None) -> CommitReceipt:
         batches = [host.batch(n) for host in self._hosts]
-        if not any(b.size for b in batches):
+        if schedule is None and not any(b.size for b in batches):
             return CommitReceipt(self.epoch, n, False, ())
         epoch = self.epoch + 1
-        pieces = [b.split(self.layout.bounds) for b in batches]  # [group][shard]
-        messages = [
-            ShardBatch(epoch, self.epoch, s, tuple(p[s] for p in pieces), self.generation)
-            for s in range(self.num_shards)
-        ]
+        plans = tuple(host.copy_plan() for host in self._hosts)
+        messages = shard_messages(
+            epoch, self.epoch, self.generation, batches, self.layout, schedule, plans
+        )
         backend.send(messages)
         # While the shards apply: the terms each row will have and what each shard must report.
         terms = [host.terms_after(b) for host, b in zip(self._hosts, batches, strict=True)]
@@ -252,12 +285,8 @@ class ShardedPageTable(GuardedRowOps, ShardReads):
             host.settle(batch, new_terms)
         self._expected = expected
         self.epoch = epoch
-        return CommitReceipt(
-            epoch,
-            n,
-            True,
-            tuple(ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages)),
-        )
+        receipts = (ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages))
+        return CommitReceipt(epoch, n, True, tuple(receipts), plans)
 
     def _settle(self, backend: Backend, results: list[Result], expected: list[int], epoch: int):
         """Raise (after rolling back every shard that applied) unless every shard confirmed

@@ -15,9 +15,31 @@ import numpy as np
 from ..errors import WireFormatError
 from ..routing.layout import ShardLayout
 from ..shard import checksum
-from ..shard.messages import GroupBatch, ShardBatch
+from ..shard.messages import GroupBatch, Schedule, ShardBatch
 from ..table.host import HostRows
 from .backend import Result
+
+
+def shard_messages(
+    epoch: int,
+    base: int,
+    generation: int,
+    batches: Sequence[GroupBatch],
+    layout: ShardLayout,
+    schedule: Schedule | None,
+    kv_copies: tuple[np.ndarray, ...],
+) -> list[ShardBatch]:
+    """One epoch's batch for every shard: its rows of every group's batch (renumbered
+    locally), its rows' slice of the step schedule, and the whole KV copy plan."""
+    bounds = layout.bounds
+    pieces = [b.split(bounds) for b in batches]  # [group][shard]
+    out = []
+    for s in range(layout.num_shards):
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        part = None if schedule is None else Schedule(schedule.sched[lo:hi], schedule.done[lo:hi])
+        groups = tuple(p[s] for p in pieces)
+        out.append(ShardBatch(epoch, base, s, groups, generation, part, kv_copies))
+    return out
 
 
 def expected_after(

@@ -18,6 +18,8 @@ from ..routing.layout import ShardLayout
 from ..shard.device import assemble
 from ..shard.messages import ShardBatch
 from ..shard.shard import Shard, ShardSpec
+from ..shard.step import shard_step
+from ..shard.step_inputs import StepInputs
 from .backend import Result
 
 
@@ -85,15 +87,26 @@ class LocalBackend:
     def device_snapshot(self, group: int) -> np.ndarray:
         return np.concatenate([s.snapshot(group) for s in self.shards])
 
-    def run_on_shards(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    def step_snapshot(self) -> list[StepInputs]:
+        return [s.step_snapshot() for s in self.shards]
+
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any, step: bool = False) -> list[Any]:
+        """``fn`` once: every shard lives in this one process, which sees the whole arrays
+        (the result stands for every shard)."""
         arrays = [self.group_array(g) for g in range(len(self.specs[0].widths))]
-        out = []
-        for s in range(self.num_shards):
-            try:
-                out.append(fn(arrays, *args))
-            except Exception as exc:
-                raise RunOnShardsError(s, type(exc).__name__, str(exc)) from exc
-        return out
+        first = self.shards[0]
+        extra = ()
+        if step:
+            if first.step is None:
+                raise RuntimeError("this table's shards build no step inputs")
+            states = [s.step for s in self.shards]
+            rows = first.devices[0].shape[0]
+            extra = (shard_step(first.epoch, states, self.sharding, self.num_shards, rows),)
+        try:
+            result = fn(arrays, *extra, *args)
+        except Exception as exc:
+            raise RunOnShardsError(0, type(exc).__name__, str(exc)) from exc
+        return [result] * self.num_shards
 
     def close(self, clean: bool = True) -> None:
         self.shards = []

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from ..routing.pools import PagePools
-from ..table.host import PageIds
+from ..table.host import HostRows, PageIds
 from ..table.row_ops import MultiGroupRowOps
 from ..table.validation import check_list, group_lists
 from .view import synchronized, when_open
@@ -67,15 +69,102 @@ class PooledRowOps(MultiGroupRowOps):
                     self._check_pool(row, page_ids)
         super().append_rows_batch(page_ids_per_req, req_indices)
 
-    def move_row(self, src: int, tgt: int) -> None:
-        if self._pools is not None:
-            self._refuse_crossing("move_row", src, tgt)
-        super().move_row(src, tgt)
+    def move_row(self, src: int, tgt: int, page_ids: Sequence[PageIds] | None = None) -> None:
+        """Copy row ``src`` onto ``tgt`` (``src`` keeps its pages). With ``page_ids``
+        (``[group][pages]``, as many per group as ``src`` holds, in ``tgt``'s pool) ``tgt``
+        gets those pages instead, and the next commit asks the model step to copy the KV of
+        ``src``'s pages into them: how a row crosses shards with KV-local pools."""
+        if page_ids is None:
+            if self._pools is not None:
+                self._refuse_crossing("move_row", src, tgt)
+            return super().move_row(src, tgt)
+        hosts = self._hosts
+        a, b = hosts[0].check_row(src, "src"), hosts[0].check_row(tgt, "tgt")
+        new = self._check_new_pages(b, page_ids, [h.counts.item(a) for h in hosts])
+        for host, ids in zip(hosts, new, strict=True):
+            old = host.table[a, : host.counts.item(a)].tolist()
+            host.replace(b, ids)
+            host.record_copies(old, ids)
 
-    def swap_row(self, src: int, tgt: int) -> None:
-        if self._pools is not None:
-            self._refuse_crossing("swap_row", src, tgt)
-        super().swap_row(src, tgt)
+    def swap_row(
+        self,
+        src: int,
+        tgt: int,
+        page_ids: tuple[Sequence[PageIds], Sequence[PageIds]] | None = None,
+    ) -> None:
+        """Exchange rows ``src`` and ``tgt``. With ``page_ids=(for_src, for_tgt)`` each row
+        gets new pages of its own pool (as many per group as the other row holds) and the
+        next commit copies the KV across: a swap between shards with KV-local pools."""
+        if page_ids is None:
+            if self._pools is not None:
+                self._refuse_crossing("swap_row", src, tgt)
+            return super().swap_row(src, tgt)
+        hosts = self._hosts
+        a, b = hosts[0].check_row(src, "src"), hosts[0].check_row(tgt, "tgt")
+        if not isinstance(page_ids, tuple | list) or len(page_ids) != 2:
+            raise ValueError("swap_row page_ids must be a pair (pages for src, pages for tgt)")
+        if a == b:
+            raise ValueError(f"swap_row({a}, {b}) with page_ids swaps a row with itself")
+        for_a = self._check_new_pages(a, page_ids[0], [h.counts.item(b) for h in hosts])
+        for_b = self._check_new_pages(b, page_ids[1], [h.counts.item(a) for h in hosts])
+        for g, (x, y) in enumerate(zip(for_a, for_b, strict=True)):
+            both = set(x) & set(y)
+            if both:
+                raise ValueError(f"page {min(both)} (group {g}) was given to both rows {a} and {b}")
+        for host, x, y in zip(hosts, for_a, for_b, strict=True):
+            old_a = host.table[a, : host.counts.item(a)].tolist()
+            old_b = host.table[b, : host.counts.item(b)].tolist()
+            host.replace(a, x)
+            host.replace(b, y)
+            host.record_copies(old_b + old_a, x + y)
+
+    def _check_new_pages(self, row: int, page_ids: object, need: list[int]) -> list[list[int]]:
+        """``page_ids`` (``[group][pages]``) as the new pages of ``row``: ``need[g]`` valid,
+        distinct ids per group, in the row's pool, held by no other live row."""
+        hosts = self._hosts
+        out = []
+        for g, (host, ids) in enumerate(zip(hosts, group_lists(page_ids, len(hosts)), strict=True)):
+            ids = [int(p) for p in host.check_ids(ids)]
+            if len(ids) != need[g]:
+                raise ValueError(
+                    f"row {row} needs exactly {need[g]} new pages in group {g} (as many as the "
+                    f"row whose KV it takes), got {len(ids)}"
+                )
+            if len(set(ids)) != len(ids):
+                dup = next(p for p in ids if ids.count(p) > 1)
+                raise ValueError(f"page {dup} appears twice in row {row}'s new pages (group {g})")
+            if self._pools is not None:
+                self._pools.check(row, ids, g)
+            holder = _holder(host, ids, row, self._pools)
+            if holder is not None:
+                raise ValueError(
+                    f"page {holder[1]} (group {g}) is held by live row {holder[0]}; row {row} "
+                    "needs free pages"
+                )
+            out.append(ids)
+        return out
+
+
+def _holder(
+    host: HostRows, ids: list[int], row: int, pools: PagePools | None
+) -> tuple[int, int] | None:
+    """``(row, page)`` of a live row other than ``row`` holding one of ``ids`` (rows of
+    ``row``'s shard when there are pools: no other shard can hold its pages)."""
+    if not ids:
+        return None
+    lo, hi = 0, host.num_rows
+    if pools is not None:
+        shard = pools.shard_of_row(row)
+        lo, hi = shard * pools.rows_per_shard, (shard + 1) * pools.rows_per_shard
+    table, counts = host.table[lo:hi], host.counts[lo:hi]
+    held = np.arange(table.shape[1])[None, :] < counts[:, None]
+    if lo <= row < hi:
+        held[row - lo] = False
+    hit = held & np.isin(table, np.asarray(ids, np.int32))
+    if not hit.any():
+        return None
+    r, c = np.argwhere(hit)[0]
+    return int(r) + lo, int(table[r, c])
 
 
 class GuardedRowOps(PooledRowOps):

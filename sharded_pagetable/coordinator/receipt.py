@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class ShardReceipt:
@@ -15,12 +17,18 @@ class ShardReceipt:
 
 @dataclass(frozen=True)
 class CommitReceipt:
-    """``epoch`` is the epoch now published; ``changed`` is False when nothing was sent."""
+    """``epoch`` is the epoch now published; ``changed`` is False when nothing was sent.
+
+    ``kv_copies`` holds, per group, the ``i32[2, K]`` KV copies (source page, destination
+    page) this epoch asks of the model step: rows that moved onto new pages. Empty
+    (``K == 0``) when nothing moved.
+    """
 
     epoch: int
     num_reqs: int
     changed: bool
     shards: tuple[ShardReceipt, ...]
+    kv_copies: tuple[np.ndarray, ...] = ()
 
     @property
     def rows(self) -> int:

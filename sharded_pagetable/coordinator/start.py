@@ -12,6 +12,7 @@ from ..routing.layout import ShardLayout
 from ..routing.mesh import build_mesh, row_sharding
 from ..routing.pools import PagePools
 from ..shard.shard import ShardSpec
+from ..shard.step import StepConfig
 from ..table.validation import check_count
 from .backend import Backend
 from .local import LocalBackend
@@ -54,6 +55,18 @@ def check_pool_pages(num_pages: int | None, pools: PagePools) -> int:
     return pools.num_pages
 
 
+def step_config(
+    page_sizes: tuple[int, ...], max_num_batched_tokens: int, layout: ShardLayout
+) -> StepConfig | None:
+    """How the shards build step inputs: each shard gets ``max_num_batched_tokens //
+    num_shards`` token slots, split evenly over its devices (None when they do not split:
+    such a table refuses schedules)."""
+    tokens = max_num_batched_tokens // layout.num_shards
+    if tokens < layout.blocks_per_shard or tokens % layout.blocks_per_shard:
+        return None
+    return StepConfig(page_sizes, tokens)
+
+
 def start_backend(
     kind: str,
     mesh: Mesh | Mapping[str, int] | None,
@@ -62,6 +75,8 @@ def start_backend(
     max_num_reqs: int,
     num_shards: int,
     widths: tuple[int, ...],
+    page_sizes: tuple[int, ...],
+    max_num_batched_tokens: int,
     warmup: bool,
     ray: RayOptions | Mapping[str, Any] | None,
     attach: bool,
@@ -69,7 +84,8 @@ def start_backend(
     """Where the shards live: the one place that tells the backends apart."""
 
     def specs(layout: ShardLayout) -> list[ShardSpec]:
-        return [ShardSpec(s, layout, widths, warmup) for s in range(num_shards)]
+        step = step_config(page_sizes, max_num_batched_tokens, layout)
+        return [ShardSpec(s, layout, widths, warmup, step) for s in range(num_shards)]
 
     if kind == "local":
         if mesh is None or isinstance(mesh, Mapping):

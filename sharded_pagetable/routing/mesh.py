@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -9,6 +10,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .layout import ShardLayout
+
+SHARD_AXIS = "_shard"
+LOCAL_AXIS = "_local"
+ROWS = PartitionSpec((SHARD_AXIS, LOCAL_AXIS))  # an axis split over every device of the row axis
 
 
 def ordered_devices(devices: list[jax.Device] | None = None) -> list[jax.Device]:
@@ -40,6 +45,21 @@ def row_sharding(mesh: Mesh, row_axis: str) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(row_axis, None))
 
 
+def shard_submesh(mesh: Mesh, row_axis: str, num_shards: int, shard: int) -> Mesh:
+    """The part of ``mesh`` that holds shard ``shard``'s rows: its consecutive devices along
+    ``row_axis`` (``size // num_shards`` of them), every other axis whole, same axis names.
+    A shard process computes on it without touching another shard's devices."""
+    size = mesh.shape[row_axis]
+    if num_shards < 1 or size % num_shards or not 0 <= shard < num_shards:
+        raise ValueError(
+            f"shard {shard} of {num_shards} does not tile the {size} devices of {row_axis!r}"
+        )
+    per = size // num_shards
+    axis = mesh.axis_names.index(row_axis)
+    devices = np.take(mesh.devices, range(shard * per, (shard + 1) * per), axis=axis)
+    return Mesh(devices, mesh.axis_names)
+
+
 def check_ownership(
     mesh: Mesh, row_axis: str, layout: ShardLayout, shard_process: Mapping[int, int]
 ) -> None:
@@ -60,3 +80,27 @@ def check_ownership(
                     f"belongs to shard {shard} in process {want}, but device {device} is in "
                     f"process {device.process_index}; order the row axis by process"
                 )
+
+
+@functools.lru_cache(maxsize=64)
+def shard_mesh(mesh: Mesh, row_axis: str, num_shards: int) -> Mesh:
+    """``mesh`` with ``row_axis`` split into ``("_shard" S, "_local" D)``: same devices in the
+    same order, other axes kept. Shard ``s``'s devices are the ``D`` consecutive devices
+    ``[s*D, (s+1)*D)`` along the row axis."""
+    if row_axis not in mesh.axis_names:
+        raise ValueError(f"row_axis {row_axis!r} is not an axis of mesh {dict(mesh.shape)}")
+    for name in (SHARD_AXIS, LOCAL_AXIS):
+        if name in mesh.axis_names:
+            raise ValueError(f"mesh {dict(mesh.shape)} already has an axis named {name!r}")
+    size = mesh.shape[row_axis]
+    if num_shards < 1 or size % num_shards:
+        raise ValueError(
+            f"num_shards={num_shards} must be positive and divide the {size} devices of "
+            f"row axis {row_axis!r}"
+        )
+    axis = mesh.axis_names.index(row_axis)
+    shape = list(mesh.devices.shape)
+    shape[axis : axis + 1] = [num_shards, size // num_shards]
+    names = list(mesh.axis_names)
+    names[axis : axis + 1] = [SHARD_AXIS, LOCAL_AXIS]
+    return Mesh(mesh.devices.reshape(shape), tuple(names))

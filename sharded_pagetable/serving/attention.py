@@ -26,7 +26,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .step_inputs import LOCAL_AXIS, ROWS, SHARD_AXIS, StepInputs, shard_mesh
+from ..routing.mesh import LOCAL_AXIS, ROWS, SHARD_AXIS, shard_mesh
+from ..shard.step_inputs import StepInputs
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # ref_ragged_paged_attention's default
 

@@ -96,6 +96,9 @@ class ShardBatch:
     exports one. ``generation`` is the sending coordinator's: a shard applies only batches of
     the generation it was last fenced to (see ``Shard.fence``). ``schedule``, when the
     commit carries one, is the step's per-row token counts of the shard's rows.
+    ``kv_copies`` (per group ``i32[2, K]`` source and destination global pages, every shard
+    gets the whole plan) is the KV a model step must copy before its attention reads: rows
+    that moved to new pages.
     """
 
     epoch: int
@@ -104,6 +107,7 @@ class ShardBatch:
     groups: tuple[GroupBatch, ...]
     generation: int = 0
     schedule: Schedule | None = None
+    kv_copies: tuple[np.ndarray, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -112,6 +116,7 @@ class ShardBatch:
     @property
     def nbytes(self) -> int:
         extra = 0 if self.schedule is None else self.schedule.nbytes
+        extra += sum(c.nbytes for c in self.kv_copies)
         return extra + sum(g.nbytes for g in self.groups)
 
     @classmethod

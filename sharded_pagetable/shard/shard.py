@@ -23,6 +23,8 @@ from . import checksum, kernels
 from .checksum import GroupConsts, segment_index
 from .device import DeviceRows, assemble, update_groups, warmup_groups
 from .messages import OP_APPEND, Ack, GroupBatch, ShardBatch
+from .step import StepConfig, StepState
+from .step_inputs import StepInputs
 from .wire import WireLimits, decode
 
 
@@ -35,12 +37,14 @@ class ShardSpec:
       layout: the routing layout (rows, shards, device blocks).
       widths: pages per row of each KV-cache group.
       warmup: compile the device update buckets and kernels at start-up.
+      step: page sizes and token budget for building step inputs (None: no schedules).
     """
 
     shard_id: int
     layout: ShardLayout
     widths: tuple[int, ...]
     warmup: bool = True
+    step: StepConfig | None = None
 
     @property
     def shape(self) -> list:
@@ -60,10 +64,12 @@ def batch_digest(batch: ShardBatch) -> bytes:
     """Identity of a batch's content, to tell a re-sent epoch from a different one."""
     h = hashlib.blake2b(digest_size=16)
     h.update(np.array([batch.epoch, batch.base, batch.shard], np.int64).tobytes())
-    for g in batch.groups:
-        for col in (g.op, g.row, g.start, g.count, g.pages):
-            h.update(np.int64(col.size).tobytes())
-            h.update(np.ascontiguousarray(col, dtype="<i4").tobytes())
+    cols = [c for g in batch.groups for c in (g.op, g.row, g.start, g.count, g.pages)]
+    if batch.schedule is not None:
+        cols += [batch.schedule.sched, batch.schedule.done]
+    for col in [*cols, *batch.kv_copies]:
+        h.update(np.int64(col.size).tobytes())
+        h.update(np.ascontiguousarray(col, dtype="<i4").tobytes())
     return h.digest()
 
 
@@ -93,6 +99,7 @@ class _Undo:
     digest: bytes | None
     checksum: int
     groups: list[_GroupUndo | None]
+    step: tuple | None = None  # StepState.saved() before the epoch
 
 
 class Shard:
@@ -123,8 +130,11 @@ class Shard:
             )
             for w, table in zip(spec.widths, self.tables, strict=True)
         ]
+        self.step = None
+        if spec.step is not None:
+            self.step = StepState(spec.step, sharding, layout.num_shards, spec.shard_id, self.lo)
         if spec.warmup:
-            warmup_groups(self.devices)
+            warmup_groups(self.devices)  # the step build compiles on the first schedule
             for g, consts in enumerate(self.consts):
                 kernels.warm_up(self.tables[g], self.counts[g], self.inner[g], consts)
 
@@ -202,6 +212,11 @@ class Shard:
             total = checksum.add(total, delta)
             device_updates[g] = (rows + self.lo, table, self.hi, (cells_r + self.lo, cells_c))
         update_groups(self.devices, device_updates)
+        if self.step is not None:
+            undo.step = self.step.saved()
+            self.step.advance(batch, self.devices)
+        elif batch.schedule is not None:
+            raise WireFormatError(f"shard {self.spec.shard_id} was built without step inputs")
         self._undo = undo
         self.checksum = total
         self.epoch = batch.epoch
@@ -229,6 +244,8 @@ class Shard:
             self.counts[g][rows] = entry.counts
             self.inner[g][rows] = entry.inner
             self.devices[g].update(rows + self.lo, table, whole_below=self.hi)
+        if self.step is not None and undo.step is not None:
+            self.step.restore(undo.step)
         self.epoch, self._digest, self.checksum = undo.epoch, undo.digest, undo.checksum
         self._undo = None
         return self._ack(0, applied=True)
@@ -258,6 +275,8 @@ class Shard:
         self.checksum = total
         self.epoch = batch.epoch if batch is not None else 0
         self._digest, self._undo = None, None
+        if self.step is not None:
+            self.step.reset()  # the KV the plan referred to died with the old process
         return self._ack(0, applied=True)
 
     def export(self, generation: int = 0) -> ShardBatch | None:
@@ -268,6 +287,10 @@ class Shard:
         return ShardBatch.full_state(
             self.epoch, self.spec.shard_id, self.tables, self.counts, generation
         )
+
+    def step_snapshot(self) -> StepInputs | None:
+        """This shard's part of the last epoch's step inputs, as numpy (None without)."""
+        return None if self.step is None else self.step.to_numpy()
 
     def buffers(self, group: int) -> list[jax.Array]:
         return self.devices[group].buffers()

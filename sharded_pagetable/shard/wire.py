@@ -27,7 +27,7 @@ from .messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, Schedule, ShardBa
 VERSION = 1
 
 _KEYS = frozenset({"v", "epoch", "base", "shard", "groups"})
-_OPTIONAL_KEYS = frozenset({"gen", "sched", "done"})
+_OPTIONAL_KEYS = frozenset({"gen", "sched", "done", "copies"})
 _MAX_TOKENS = 2**31 - 1
 _GROUP_KEYS = ("op", "row", "start", "count", "pages")
 _I32 = np.dtype("<i4")
@@ -73,6 +73,8 @@ def encode(batch: ShardBatch) -> bytes:
     if batch.schedule is not None:
         msg["sched"] = np.ascontiguousarray(batch.schedule.sched, dtype=_I32).tobytes()
         msg["done"] = np.ascontiguousarray(batch.schedule.done, dtype=_I32).tobytes()
+    if any(c.size for c in batch.kv_copies):
+        msg["copies"] = [np.ascontiguousarray(c, dtype=_I32).tobytes() for c in batch.kv_copies]
     msg["groups"] = groups
     return msgpack.packb(msg, use_bin_type=True)
 
@@ -174,7 +176,28 @@ def decode(data: bytes, limits: WireLimits) -> ShardBatch:
         tuple(_decode_group(gr, g, limits) for g, gr in enumerate(groups)),
         generation,
         _decode_schedule(msg, limits),
+        _decode_copies(msg, limits),
     )
+
+
+def _decode_copies(msg: dict, limits: WireLimits) -> tuple[np.ndarray, ...]:
+    """Per group ``i32[2, K]`` KV copies: page ids in range, every destination once."""
+    if "copies" not in msg:
+        return ()
+    plans = msg["copies"]
+    if type(plans) is not list or len(plans) != len(limits.widths):
+        raise WireFormatError(f"copies must list one plan per group ({len(limits.widths)})")
+    out = []
+    for g, raw in enumerate(plans):
+        if type(raw) is not bytes or len(raw) % 8:
+            raise WireFormatError(f"copies of group {g} must be int32 (source, destination) pairs")
+        plan = np.frombuffer(raw, dtype=_I32).reshape(2, -1)
+        if plan.size and plan.min() < 0:
+            raise WireFormatError(f"copies of group {g}: page ids must be in 0..{MAX_PAGE_ID}")
+        if np.unique(plan[1]).size != plan.shape[1]:
+            raise WireFormatError(f"copies of group {g}: a destination page appears twice")
+        out.append(plan)
+    return tuple(out)
 
 
 def _decode_schedule(msg: dict, limits: WireLimits) -> Schedule | None:

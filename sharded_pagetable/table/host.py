@@ -25,6 +25,8 @@ from ..shard.messages import GroupBatch
 from .validation import check_index, page_id_array
 
 PageIds = Sequence[int] | np.ndarray
+_NO_COPIES = np.zeros((2, 0), np.int32)
+_NO_COPIES.flags.writeable = False
 CLEAN, APPENDED, REWRITTEN = 0, 1, 2
 
 
@@ -70,6 +72,7 @@ class HostRows:
         self.consts = consts
         self.terms = np.zeros(num_rows, np.uint64) if consts is not None else None  # u64[R]
         self._saved: dict[int, np.ndarray] | None = {} if consts is not None else None
+        self._copies: dict[int, int] = {}  # destination page -> source page, until published
         self.cpu_version = 0  # bumped after each write below, once it has happened
 
     # -- checks (no state change) ------------------------------------------------------
@@ -205,8 +208,30 @@ class HostRows:
         (needs ``consts``); nothing changes until :meth:`settle`."""
         return kernels.batch_terms(self.terms, batch, self.consts)
 
+    def record_copies(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """The KV of pages ``src`` must reach pages ``dst`` before attention reads them (a row
+        moved onto new pages). Copies recorded in one epoch are read before any is written,
+        so a chain (a page copied on again) resolves to the page that holds the KV now."""
+        pending = self._copies
+        resolved = [pending.get(s, s) for s in src]
+        for s, d in zip(resolved, dst, strict=True):
+            if s == d:
+                pending.pop(d, None)
+            else:
+                pending[d] = s
+
+    def copy_plan(self) -> np.ndarray:
+        """``i32[2, K]`` pending KV copies (source page, destination page), by destination."""
+        if not self._copies:
+            return _NO_COPIES
+        dst = np.array(sorted(self._copies), dtype=np.int32)
+        src = np.array([self._copies[d] for d in dst.tolist()], dtype=np.int32)
+        return np.stack([src, dst])
+
     def settle(self, batch: GroupBatch, terms: np.ndarray | None = None) -> None:
-        """``batch`` is published: its rows are clean, their saved copies dropped."""
+        """``batch`` is published (with the copy plan): its rows are clean, their saved
+        copies dropped, no KV copy pending."""
+        self._copies.clear()
         rows = batch.row
         self.published[rows] = batch.count
         self.state[rows] = CLEAN

@@ -24,16 +24,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..constants import SLOT_MAPPING_PADDING_VAL, cdiv
-from ..table.validation import check_list, int_items
-
-SHARD_AXIS = "_shard"
-LOCAL_AXIS = "_local"
-ROWS = P((SHARD_AXIS, LOCAL_AXIS))  # an axis split over every device of the row axis
+from ..constants import SLOT_MAPPING_PADDING_VAL
+from ..routing.mesh import LOCAL_AXIS, ROWS, SHARD_AXIS, shard_mesh
 
 
 class StepInputs(NamedTuple):
@@ -50,120 +45,6 @@ class StepInputs(NamedTuple):
     slot_mapping: tuple[jax.Array, ...]  # per group i32[T], SLOT_MAPPING_PADDING_VAL at padding
     kv_lens: jax.Array  # i32[R] done + sched
     cu_q_lens: jax.Array  # i32[S, R/S + 1] offsets of a shard's rows in its own token block
-
-
-class Schedule(NamedTuple):
-    """A validated schedule over all ``R`` rows (zeros at and beyond ``num_reqs``)."""
-
-    sched: np.ndarray  # i32[R] tokens scheduled this step
-    done: np.ndarray  # i32[R] tokens already computed
-
-
-@functools.lru_cache(maxsize=64)
-def shard_mesh(mesh: Mesh, row_axis: str, num_shards: int) -> Mesh:
-    """``mesh`` with ``row_axis`` split into ``("_shard" S, "_local" D)``: same devices in the
-    same order, other axes kept. Shard ``s``'s devices are the ``D`` consecutive devices
-    ``[s*D, (s+1)*D)`` along the row axis."""
-    if row_axis not in mesh.axis_names:
-        raise ValueError(f"row_axis {row_axis!r} is not an axis of mesh {dict(mesh.shape)}")
-    for name in (SHARD_AXIS, LOCAL_AXIS):
-        if name in mesh.axis_names:
-            raise ValueError(f"mesh {dict(mesh.shape)} already has an axis named {name!r}")
-    size = mesh.shape[row_axis]
-    if num_shards < 1 or size % num_shards:
-        raise ValueError(
-            f"num_shards={num_shards} must be positive and divide the {size} devices of "
-            f"row axis {row_axis!r}"
-        )
-    axis = mesh.axis_names.index(row_axis)
-    shape = list(mesh.devices.shape)
-    shape[axis : axis + 1] = [num_shards, size // num_shards]
-    names = list(mesh.axis_names)
-    names[axis : axis + 1] = [SHARD_AXIS, LOCAL_AXIS]
-    return Mesh(mesh.devices.reshape(shape), tuple(names))
-
-
-def _int_vector(values: object, what: str) -> np.ndarray:
-    """``values`` (list or 1-D integer array) as a new ``i64[n]``; anything else raises."""
-    values = check_list(values, what)
-    if not isinstance(values, np.ndarray):
-        values = np.array(int_items(list(values), what) or [], dtype=np.int64)
-    if values.ndim != 1:
-        raise ValueError(f"{what} must be one-dimensional, got shape {values.shape}")
-    if values.size and values.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be integers, got dtype {values.dtype}")
-    if values.size and values.dtype == np.uint64 and int(values.max()) > np.iinfo(np.int64).max:
-        raise ValueError(f"{what} value {int(values.max())} is out of range (int64)")
-    return values.astype(np.int64)
-
-
-def check_schedule(
-    counts: Sequence[np.ndarray],
-    sched: object,
-    done: object,
-    num_reqs: int,
-    page_sizes: Sequence[int],
-    num_shards: int,
-    tokens_per_shard: int,
-) -> Schedule:
-    """Validate a step's schedule on the host and widen it to all ``R`` rows.
-
-    Args:
-      counts: per group ``i32[R]`` pages each row holds.
-      sched, done: ``int[num_reqs]`` scheduled and already computed tokens per row.
-      num_reqs: rows in use; rows ``>= num_reqs`` get zeros.
-      page_sizes: tokens per page, per group.
-      num_shards, tokens_per_shard: ``R`` rows in ``num_shards`` equal blocks, each with a
-        budget of ``tokens_per_shard`` tokens.
-
-    Raises ``ValueError`` naming the row (negative value, pages that do not cover
-    ``done + sched`` tokens in some group) or shard (budget exceeded), or the bad length.
-    """
-    if len(counts) != len(page_sizes) or not counts:
-        raise ValueError(f"{len(counts)} groups of counts for page_sizes {list(page_sizes)}")
-    num_rows = len(counts[0])
-    if num_shards < 1 or num_rows % num_shards:
-        raise ValueError(f"num_shards={num_shards} must be positive and divide {num_rows} rows")
-    if not 0 <= num_reqs <= num_rows:
-        raise ValueError(f"num_reqs={num_reqs} is out of range 0..{num_rows}")
-    arrays = {"num_scheduled_tokens": sched, "num_computed_tokens": done}
-    full = {}
-    for what, values in arrays.items():
-        arr = _int_vector(values, what)
-        if arr.size != num_reqs:
-            raise ValueError(f"{what} has {arr.size} entries, but num_reqs={num_reqs}")
-        if arr.size and arr.min() < 0:
-            row = int(np.argmin(arr))
-            raise ValueError(f"{what} of row {row} is {int(arr[row])}, must be >= 0")
-        full[what] = np.zeros(num_rows, dtype=np.int64)
-        full[what][:num_reqs] = arr
-    sched_all, done_all = full["num_scheduled_tokens"], full["num_computed_tokens"]
-    need = sched_all + done_all  # i64[R] tokens each row's pages must cover
-    if need.size and need.max() > np.iinfo(np.int32).max:
-        row = int(np.argmax(need))
-        raise ValueError(f"row {row} needs {int(need[row])} tokens, more than int32 holds")
-    for group, (count, size) in enumerate(zip(counts, page_sizes, strict=True)):
-        count = np.asarray(count, dtype=np.int64)
-        if count.shape != (num_rows,):
-            raise ValueError(f"counts of group {group} have shape {count.shape}, want {num_rows}")
-        short = need > count * size
-        if short.any():
-            row = int(np.flatnonzero(short)[0])
-            raise ValueError(
-                f"row {row} needs {int(need[row])} tokens (computed {int(done_all[row])} + "
-                f"scheduled {int(sched_all[row])}) but holds {int(count[row])} pages of "
-                f"{size} tokens in group {group} (needs {cdiv(int(need[row]), size)} pages)"
-            )
-    per_shard = sched_all.reshape(num_shards, -1).sum(axis=1)  # i64[S]
-    over = per_shard > tokens_per_shard
-    if over.any():
-        shard = int(np.flatnonzero(over)[0])
-        rows_per_shard = num_rows // num_shards
-        raise ValueError(
-            f"shard {shard} (rows {shard * rows_per_shard}..{(shard + 1) * rows_per_shard - 1}) "
-            f"schedules {int(per_shard[shard])} tokens, over its budget of {tokens_per_shard}"
-        )
-    return Schedule(sched_all.astype(np.int32), done_all.astype(np.int32))
 
 
 def _shard_block(
@@ -293,39 +174,3 @@ def build_step_inputs(
             raise ValueError(f"{what} has shape {tuple(arr.shape)}, want ({num_rows},)")
     fn = _compiled(mesh, row_axis, page_sizes, num_shards, tokens_per_shard, int(row_offset))
     return StepInputs(*fn(tuple(tables), sched, done))
-
-
-def step_inputs_reference(
-    host_tables: Sequence[np.ndarray],
-    sched: np.ndarray,
-    done: np.ndarray,
-    page_sizes: Sequence[int],
-    num_shards: int,
-    tokens_per_shard: int,
-    row_offset: int = 0,
-) -> StepInputs:
-    """Numpy model of ``build_step_inputs`` (a per-token loop), for tests.
-
-    Takes full-length ``i32[R]`` ``sched``/``done`` and per group ``i32[R, P_g]`` tables.
-    """
-    num_rows = len(sched)
-    rows_per_shard = num_rows // num_shards
-    total = num_shards * tokens_per_shard
-    token_rows = np.full(total, -1, dtype=np.int32)
-    positions = np.zeros(total, dtype=np.int32)
-    slots = [np.full(total, SLOT_MAPPING_PADDING_VAL, dtype=np.int32) for _ in page_sizes]
-    cu_q_lens = np.zeros((num_shards, rows_per_shard + 1), dtype=np.int32)
-    for shard in range(num_shards):
-        slot = shard * tokens_per_shard
-        for i in range(rows_per_shard):
-            row = shard * rows_per_shard + i
-            for j in range(int(sched[row])):
-                pos = int(done[row]) + j
-                token_rows[slot] = row_offset + row
-                positions[slot] = pos
-                for g, size in enumerate(page_sizes):
-                    slots[g][slot] = int(host_tables[g][row, pos // size]) * size + pos % size
-                slot += 1
-            cu_q_lens[shard, i + 1] = cu_q_lens[shard, i] + int(sched[row])
-    kv_lens = (np.asarray(done) + np.asarray(sched)).astype(np.int32)
-    return StepInputs(token_rows, positions, tuple(slots), kv_lens, cu_q_lens)

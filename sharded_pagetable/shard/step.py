@@ -1,0 +1,203 @@
+"""What a shard keeps for the model step: the epoch's step inputs and the pending KV copies.
+
+The inputs are built on the shard's own devices (its sub-mesh of the row axis) from its
+committed device table and the per-row counts the epoch carries; nothing per token crosses
+the wire. The copy plan is every epoch's ``kv_copies`` composed until a model step takes it,
+so two commits without a step in between lose no copy and copy nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ..routing.mesh import SHARD_AXIS, shard_mesh, shard_submesh
+from .device import DeviceRows, assemble
+from .messages import Schedule, ShardBatch
+from .step_inputs import StepInputs, build_step_inputs
+
+_NO_COPIES = np.zeros((2, 0), np.int32)
+
+
+def compose(pending: dict[int, int], plan: np.ndarray) -> None:
+    """Add ``plan`` (``i32[2, K]``, all read before any is written) to ``pending``
+    (destination -> source page): a source that is itself a pending destination resolves to
+    the page that holds the KV now."""
+    resolved = [pending.get(s, s) for s in plan[0].tolist()]
+    for s, d in zip(resolved, plan[1].tolist(), strict=True):
+        if s == d:
+            pending.pop(d, None)
+        else:
+            pending[d] = s
+
+
+def plan_of(pending: dict[int, int]) -> np.ndarray:
+    """``i32[2, K]`` (source, destination) of ``pending``, by destination."""
+    if not pending:
+        return _NO_COPIES
+    dst = sorted(pending)
+    return np.array([[pending[d] for d in dst], dst], dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What building a shard's step needs besides its tables: the group page sizes and the
+    shard's token budget."""
+
+    page_sizes: tuple[int, ...]
+    tokens_per_shard: int
+
+
+class StepState:
+    """One shard's step inputs and pending KV copies.
+
+    Args:
+      config: page sizes and token budget.
+      sharding: the row sharding of the global tables (its mesh and row axis).
+      num_shards, shard_id, lo: which shard this is and its first global row.
+    """
+
+    def __init__(
+        self,
+        config: StepConfig,
+        sharding: NamedSharding,
+        num_shards: int,
+        shard_id: int,
+        lo: int,
+    ) -> None:
+        self.config = config
+        self.row_axis = sharding.spec[0]
+        self.mesh = shard_submesh(sharding.mesh, self.row_axis, num_shards, shard_id)
+        self.lo = lo
+        self.inputs: StepInputs | None = None  # on self.mesh, for the last schedule
+        self.copies: list[dict[int, int]] = [{} for _ in config.page_sizes]
+
+    def saved(self) -> tuple[StepInputs | None, list[dict[int, int]]]:
+        """What :meth:`restore` needs to step back over the next :meth:`advance`."""
+        return self.inputs, [dict(c) for c in self.copies]
+
+    def restore(self, saved: tuple[StepInputs | None, list[dict[int, int]]]) -> None:
+        self.inputs, self.copies = saved[0], [dict(c) for c in saved[1]]
+
+    def reset(self) -> None:
+        self.inputs = None
+        self.copies = [{} for _ in self.config.page_sizes]
+
+    def advance(self, batch: ShardBatch, devices: Sequence[DeviceRows]) -> None:
+        """The epoch of ``batch`` was applied to ``devices``: build its step inputs (none
+        without a schedule) and add its copy plan."""
+        self.inputs = None if batch.schedule is None else self._build(batch.schedule, devices)
+        for pending, plan in zip(self.copies, batch.kv_copies, strict=False):
+            compose(pending, plan)
+
+    def _build(self, schedule: Schedule, devices: Sequence[DeviceRows]) -> StepInputs:
+        rows = len(schedule.sched)
+        tables = [
+            assemble(
+                (rows, d.shape[1]), NamedSharding(self.mesh, P(self.row_axis, None)), d.buffers()
+            )
+            for d in devices
+        ]
+        counts = NamedSharding(self.mesh, P(self.row_axis))
+        sched = jax.device_put(np.array(schedule.sched, np.int32), counts)
+        done = jax.device_put(np.array(schedule.done, np.int32), counts)
+        return build_step_inputs(
+            tables,
+            sched,
+            done,
+            mesh=self.mesh,
+            row_axis=self.row_axis,
+            page_sizes=self.config.page_sizes,
+            num_shards=1,
+            tokens_per_shard=self.config.tokens_per_shard,
+            row_offset=self.lo,
+        )
+
+    def take_copies(self) -> tuple[np.ndarray, ...]:
+        """The pending plan per group, which the caller now owes the KV cache; clears it."""
+        plans = tuple(plan_of(c) for c in self.copies)
+        self.copies = [{} for _ in self.config.page_sizes]
+        return plans
+
+    def pending_copies(self) -> tuple[np.ndarray, ...]:
+        return tuple(plan_of(c) for c in self.copies)
+
+    def to_numpy(self) -> StepInputs | None:
+        """This shard's part of the step inputs as numpy (token block, rows, offsets); None
+        when the last epoch carried no schedule."""
+        if self.inputs is None:
+            return None
+        x = self.inputs
+        return StepInputs(
+            np.asarray(x.token_rows),
+            np.asarray(x.positions),
+            tuple(np.asarray(s) for s in x.slot_mapping),
+            np.asarray(x.kv_lens),
+            np.asarray(x.cu_q_lens),
+        )
+
+
+@dataclass
+class ShardStep:
+    """What a ``run_on_shards(fn, step=True)`` function gets besides the tables.
+
+    ``inputs`` are the epoch's step inputs as global arrays (this process holds its part);
+    ``kv_copies`` the pending KV copy plan per group (global page ids, the same in every
+    process), which the model step must apply to its KV cache before attention reads it:
+    call :meth:`take_kv_copies` when you apply it, so no copy is made twice.
+    """
+
+    epoch: int
+    inputs: StepInputs | None
+    kv_copies: tuple[np.ndarray, ...]
+    _states: Sequence[StepState]
+
+    def take_kv_copies(self) -> tuple[np.ndarray, ...]:
+        for state in self._states:
+            state.take_copies()
+        return self.kv_copies
+
+
+def shard_step(
+    epoch: int,
+    states: Sequence[StepState],
+    sharding: NamedSharding,
+    num_shards: int,
+    num_rows: int,
+) -> ShardStep:
+    """The :class:`ShardStep` of the shards ``states`` held by this process (all of them for
+    the local backend, one per Ray shard process), their parts glued into global arrays
+    over ``sharding``'s mesh without moving data."""
+    parts = [s.inputs for s in states]
+    inputs = None if any(p is None for p in parts) else _glue(parts, sharding, num_shards, num_rows)
+    return ShardStep(epoch, inputs, states[0].pending_copies(), list(states))
+
+
+def _glue(
+    parts: Sequence[StepInputs], sharding: NamedSharding, num_shards: int, num_rows: int
+) -> StepInputs:
+    mesh, row_axis = sharding.mesh, sharding.spec[0]
+    flat = NamedSharding(mesh, P(row_axis))
+    tokens = num_shards * parts[0].token_rows.shape[0]
+
+    def glue(field, shape, out_sharding):
+        bufs = [sh.data for p in parts for sh in field(p).addressable_shards]
+        return jax.make_array_from_single_device_arrays(shape, out_sharding, bufs)
+
+    slots = tuple(
+        glue(lambda p, g=g: p.slot_mapping[g], (tokens,), flat)
+        for g in range(len(parts[0].slot_mapping))
+    )
+    offsets = NamedSharding(shard_mesh(mesh, row_axis, num_shards), P(SHARD_AXIS, None))
+    return StepInputs(
+        glue(lambda p: p.token_rows, (tokens,), flat),
+        glue(lambda p: p.positions, (tokens,), flat),
+        slots,
+        glue(lambda p: p.kv_lens, (num_rows,), flat),
+        glue(lambda p: p.cu_q_lens, (num_shards, parts[0].cu_q_lens.shape[1]), offsets),
+    )
