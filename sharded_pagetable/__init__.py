@@ -16,6 +16,7 @@ from .errors import (
     WireFormatError,
 )
 from .routing.layout import ShardLayout
+from .shard.kv_copy import apply_kv_copies
 from .table.page_table import MultiGroupPageTable, PageTable
 
 __all__ = [
@@ -36,5 +37,6 @@ __all__ = [
     "ShardedPageTable",
     "TableConfig",
     "WireFormatError",
+    "apply_kv_copies",
     "cdiv",
 ]

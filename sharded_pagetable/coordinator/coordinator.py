@@ -9,6 +9,7 @@ Commit, recovery and attach are one path for every backend (:mod:`.backend`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -24,31 +25,26 @@ from ..constants import cdiv
 from ..errors import FencedError, ShardFailedError
 from ..routing.pools import PagePools
 from ..shard.checksum import GroupConsts
-from ..shard.messages import Ack, Schedule
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
-from ..table.schedule import check_schedule
-from ..table.validation import check_count
 from .attach import adopt
-from .backend import Backend, Result
+from .backend import Backend
+from .commit import Commits
 from .epochs import (
-    expected_after,
     failures,
     live_rows,
     new_generation,
     published_states,
-    shard_messages,
 )
 from .pooled import GuardedRowOps
 from .reads import ShardReads
-from .receipt import CommitReceipt, ShardReceipt
-from .start import check_args, check_pool_pages, start_backend, step_config
+from .start import check_args, check_pool_pages, start_backend
 from .view import GroupView
 
 log = logging.getLogger(__name__)
 
 
-class ShardedPageTable(GuardedRowOps, ShardReads):
+class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
     """``MultiGroupPageTable`` semantics with rows sharded over ``num_shards`` shards.
 
     Args:
@@ -227,98 +223,6 @@ class ShardedPageTable(GuardedRowOps, ShardReads):
                 if self.recover_mode != "auto" or self._failed is None:
                     raise
 
-    # -- the side-effect point -------------------------------------------------------------
-
-    def commit(
-        self,
-        num_reqs: int,
-        num_scheduled_tokens: object = None,
-        num_computed_tokens: object = None,
-    ) -> CommitReceipt:
-        """Publish rows ``[0, num_reqs)`` on every shard as one new epoch; returns a receipt
-        (the epoch; per shard the rows and bytes sent and the checksum it confirmed; the KV
-        copies the model step must make).
-
-        With ``num_scheduled_tokens`` and ``num_computed_tokens`` (one int per row below
-        ``num_reqs``) the epoch also carries the step's schedule: every shard builds the
-        step's inputs (:meth:`step_snapshot`) on its own devices. A schedule that does not
-        fit is refused before anything is sent. If any shard fails, every shard steps back,
-        nothing is published, the mirror keeps the pending changes, and
-        :class:`ShardFailedError` names the shard; with ``recover="auto"`` a lost shard is
-        replaced and the commit retried.
-        """
-        n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
-        with self._lock:
-            schedule = None
-            if num_scheduled_tokens is not None or num_computed_tokens is not None:
-                step = step_config(self.page_sizes, self.max_num_batched_tokens, self.layout)
-                if step is None:
-                    raise ValueError(
-                        f"max_num_batched_tokens={self.max_num_batched_tokens} does not split "
-                        f"into equal token blocks over the {self.layout.num_blocks} devices of "
-                        f"the row axis: this table cannot build step inputs"
-                    )
-                counts = [host.counts for host in self._hosts]
-                schedule = check_schedule(
-                    counts, num_scheduled_tokens, num_computed_tokens, n, self.page_sizes,
-                    self.num_shards, step.tokens_per_shard,
-                )  # fmt: skip
-            return self._retrying(lambda backend: self._commit_once(backend, n, schedule))
-
-    def _commit_once(self, backend: Backend, n: int, schedule: Schedule | None) -> CommitReceipt:
-        batches = [host.batch(n) for host in self._hosts]
-        if schedule is None and not any(b.size for b in batches):
-            return CommitReceipt(self.epoch, n, False, ())
-        epoch = self.epoch + 1
-        plans = tuple(host.copy_plan() for host in self._hosts)
-        messages = shard_messages(
-            epoch, self.epoch, self.generation, batches, self.layout, schedule, plans
-        )
-        backend.send(messages)
-        # While the shards apply: the terms each row will have and what each shard must report.
-        terms = [host.terms_after(b) for host, b in zip(self._hosts, batches, strict=True)]
-        expected = expected_after(
-            self._expected, batches, [delta for _, delta in terms], self.layout.bounds
-        )
-        self._settle(backend, backend.collect(), expected, epoch)
-        for host, batch, (new_terms, _) in zip(self._hosts, batches, terms, strict=True):
-            host.settle(batch, new_terms)
-        self._expected = expected
-        self.epoch = epoch
-        receipts = (ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages))
-        return CommitReceipt(epoch, n, True, tuple(receipts), plans)
-
-    def _settle(self, backend: Backend, results: list[Result], expected: list[int], epoch: int):
-        """Raise (after rolling back every shard that applied) unless every shard confirmed
-        ``epoch`` with the checksum expected of it."""
-        failed = failures(results, expected, epoch, "acked")
-        if not failed:
-            return
-        self._check_fenced(results)
-        applied = [s for s, r in enumerate(results) if isinstance(r, Ack) and r.epoch == epoch]
-        rollback = backend.rollback(applied, epoch, self.generation) if applied else []
-        self._check_fenced(rollback)
-        stuck = [s for s, r in zip(applied, rollback, strict=True) if isinstance(r, BaseException)]
-        shard, reason, lost = failed[0]
-        error = ShardFailedError(shard, epoch, reason + "; nothing was published")
-        if lost or stuck:
-            self._failed = error
-        raise error
-
-    def _check_fenced(self, results: Sequence[Result]) -> None:
-        """A newer coordinator owns the shards: refuse everything from now on."""
-        for res in results:
-            if isinstance(res, FencedError):
-                self._fenced = FencedError(self.generation, res.holder)
-                raise self._fenced
-
-    def _fence(self, backend: Backend) -> None:
-        results = backend.fence(self.generation)
-        self._check_fenced(results)
-        for s, res in enumerate(results):
-            if isinstance(res, BaseException):
-                raise ShardFailedError(s, self.epoch, f"fence: {type(res).__name__}: {res}")
-
     # -- recovery --------------------------------------------------------------------------
 
     def recover(self) -> float:
@@ -333,6 +237,8 @@ class ShardedPageTable(GuardedRowOps, ShardReads):
         """
         with self._lock:
             backend = self._open()
+            with contextlib.suppress(ShardFailedError):
+                self._settle_in_flight()  # a failure it finds is what is being recovered
             if self._fenced is not None:
                 raise self._fenced  # the shards belong to a newer coordinator: never restart them
             t0 = time.perf_counter()
@@ -375,6 +281,9 @@ class ShardedPageTable(GuardedRowOps, ShardReads):
         """Release the shards (actors and devices). Safe to call twice. A coordinator that a
         newer one took over only lets go of them."""
         with self._lock:
+            if self._backend is not None:
+                with contextlib.suppress(ShardFailedError, FencedError):
+                    self._settle_in_flight()
             backend, self._backend = self._backend, None
             if backend is None:
                 return

@@ -107,10 +107,18 @@ class PooledRowOps(MultiGroupRowOps):
             raise ValueError(f"swap_row({a}, {b}) with page_ids swaps a row with itself")
         for_a = self._check_new_pages(a, page_ids[0], [h.counts.item(b) for h in hosts])
         for_b = self._check_new_pages(b, page_ids[1], [h.counts.item(a) for h in hosts])
-        for g, (x, y) in enumerate(zip(for_a, for_b, strict=True)):
+        for g, (host, x, y) in enumerate(zip(hosts, for_a, for_b, strict=True)):
             both = set(x) & set(y)
             if both:
                 raise ValueError(f"page {min(both)} (group {g}) was given to both rows {a} and {b}")
+            sources = set(host.table[a, : host.counts.item(a)].tolist())
+            sources |= set(host.table[b, : host.counts.item(b)].tolist())
+            reused = sources & (set(x) | set(y))
+            if reused:
+                raise ValueError(
+                    f"page {min(reused)} (group {g}) is one whose KV this swap copies; the new "
+                    "pages must be others (free the old ones after the next commit)"
+                )
         for host, x, y in zip(hosts, for_a, for_b, strict=True):
             old_a = host.table[a, : host.counts.item(a)].tolist()
             old_b = host.table[b, : host.counts.item(b)].tolist()
@@ -135,6 +143,12 @@ class PooledRowOps(MultiGroupRowOps):
                 raise ValueError(f"page {dup} appears twice in row {row}'s new pages (group {g})")
             if self._pools is not None:
                 self._pools.check(row, ids, g)
+            busy = host.copy_sources() & set(ids)
+            if busy:
+                raise ValueError(
+                    f"page {min(busy)} (group {g}) still holds KV a pending copy reads (a row "
+                    "moved off it since the last commit); reuse it after the next commit"
+                )
             holder = _holder(host, ids, row, self._pools)
             if holder is not None:
                 raise ValueError(

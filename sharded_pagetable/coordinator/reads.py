@@ -83,4 +83,5 @@ class ShardReads:
                 raise
 
         with self._lock:
+            self._settle_in_flight()
             return self._retrying(guarded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,9 @@ class ShardReceipt:
 
 @dataclass(frozen=True)
 class CommitReceipt:
-    """``epoch`` is the epoch now published; ``changed`` is False when nothing was sent.
+    """``epoch`` is the epoch now published (or, unconfirmed, in flight); ``changed`` is
+    False when nothing was sent; each shard's ``checksum`` is what it confirmed (or, before
+    ``wait()``, what it must confirm).
 
     ``kv_copies`` holds, per group, the ``i32[2, K]`` KV copies (source page, destination
     page) this epoch asks of the model step: rows that moved onto new pages. Empty
@@ -29,6 +32,11 @@ class CommitReceipt:
     changed: bool
     shards: tuple[ShardReceipt, ...]
     kv_copies: tuple[np.ndarray, ...] = ()
+    confirmed: bool = True  # False for commit(wait=False) until wait() confirms the epoch
+
+    def confirm(self) -> CommitReceipt:
+        """This receipt once every shard confirmed its epoch."""
+        return dataclasses.replace(self, confirmed=True)
 
     @property
     def rows(self) -> int:

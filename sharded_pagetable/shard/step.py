@@ -3,7 +3,9 @@
 The inputs are built on the shard's own devices (its sub-mesh of the row axis) from its
 committed device table and the per-row counts the epoch carries; nothing per token crosses
 the wire. The copy plan is every epoch's ``kv_copies`` composed until a model step takes it,
-so two commits without a step in between lose no copy and copy nothing twice.
+so two commits without a step in between lose no copy and copy nothing twice. Within a plan
+every copy reads before any writes; where a later epoch writes a page an earlier epoch's
+copy still reads, the plans stay separate rounds, applied in order.
 """
 
 from __future__ import annotations
@@ -75,25 +77,31 @@ class StepState:
         self.mesh = shard_submesh(sharding.mesh, self.row_axis, num_shards, shard_id)
         self.lo = lo
         self.inputs: StepInputs | None = None  # on self.mesh, for the last schedule
-        self.copies: list[dict[int, int]] = [{} for _ in config.page_sizes]
+        # per group, rounds of pending copies (destination -> source), applied in order
+        self.copies: list[list[dict[int, int]]] = [[] for _ in config.page_sizes]
 
-    def saved(self) -> tuple[StepInputs | None, list[dict[int, int]]]:
+    def saved(self) -> tuple[StepInputs | None, list[list[dict[int, int]]]]:
         """What :meth:`restore` needs to step back over the next :meth:`advance`."""
-        return self.inputs, [dict(c) for c in self.copies]
+        return self.inputs, [[dict(r) for r in rounds] for rounds in self.copies]
 
-    def restore(self, saved: tuple[StepInputs | None, list[dict[int, int]]]) -> None:
-        self.inputs, self.copies = saved[0], [dict(c) for c in saved[1]]
+    def restore(self, saved: tuple[StepInputs | None, list[list[dict[int, int]]]]) -> None:
+        self.inputs = saved[0]
+        self.copies = [[dict(r) for r in rounds] for rounds in saved[1]]
 
     def reset(self) -> None:
         self.inputs = None
-        self.copies = [{} for _ in self.config.page_sizes]
+        self.copies = [[] for _ in self.config.page_sizes]
 
     def advance(self, batch: ShardBatch, devices: Sequence[DeviceRows]) -> None:
         """The epoch of ``batch`` was applied to ``devices``: build its step inputs (none
         without a schedule) and add its copy plan."""
         self.inputs = None if batch.schedule is None else self._build(batch.schedule, devices)
-        for pending, plan in zip(self.copies, batch.kv_copies, strict=False):
-            compose(pending, plan)
+        for rounds, plan in zip(self.copies, batch.kv_copies, strict=False):
+            if not plan.size:
+                continue
+            if not rounds or set(plan[1].tolist()) & set(rounds[-1].values()):
+                rounds.append({})  # it writes a page the last round still reads
+            compose(rounds[-1], plan)
 
     def _build(self, schedule: Schedule, devices: Sequence[DeviceRows]) -> StepInputs:
         rows = len(schedule.sched)
@@ -118,14 +126,15 @@ class StepState:
             row_offset=self.lo,
         )
 
-    def take_copies(self) -> tuple[np.ndarray, ...]:
-        """The pending plan per group, which the caller now owes the KV cache; clears it."""
-        plans = tuple(plan_of(c) for c in self.copies)
-        self.copies = [{} for _ in self.config.page_sizes]
+    def take_copies(self) -> tuple[tuple[np.ndarray, ...], ...]:
+        """The pending plans per group (rounds, in order), which the caller now owes the KV
+        cache; clears them."""
+        plans = self.pending_copies()
+        self.copies = [[] for _ in self.config.page_sizes]
         return plans
 
-    def pending_copies(self) -> tuple[np.ndarray, ...]:
-        return tuple(plan_of(c) for c in self.copies)
+    def pending_copies(self) -> tuple[tuple[np.ndarray, ...], ...]:
+        return tuple(tuple(plan_of(r) for r in rounds if r) for rounds in self.copies)
 
     def to_numpy(self) -> StepInputs | None:
         """This shard's part of the step inputs as numpy (token block, rows, offsets); None
@@ -147,17 +156,18 @@ class ShardStep:
     """What a ``run_on_shards(fn, step=True)`` function gets besides the tables.
 
     ``inputs`` are the epoch's step inputs as global arrays (this process holds its part);
-    ``kv_copies`` the pending KV copy plan per group (global page ids, the same in every
-    process), which the model step must apply to its KV cache before attention reads it:
-    call :meth:`take_kv_copies` when you apply it, so no copy is made twice.
+    ``kv_copies`` the pending KV copies per group (global page ids, the same in every
+    process), as rounds of ``i32[2, K]`` plans to apply in order with ``apply_kv_copies``
+    before attention reads the cache: call :meth:`take_kv_copies` when you apply them, so
+    no copy is made twice.
     """
 
     epoch: int
     inputs: StepInputs | None
-    kv_copies: tuple[np.ndarray, ...]
+    kv_copies: tuple[tuple[np.ndarray, ...], ...]
     _states: Sequence[StepState]
 
-    def take_kv_copies(self) -> tuple[np.ndarray, ...]:
+    def take_kv_copies(self) -> tuple[tuple[np.ndarray, ...], ...]:
         for state in self._states:
             state.take_copies()
         return self.kv_copies

@@ -14,6 +14,7 @@ multi-group call before it writes anything.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +29,18 @@ PageIds = Sequence[int] | np.ndarray
 _NO_COPIES = np.zeros((2, 0), np.int32)
 _NO_COPIES.flags.writeable = False
 CLEAN, APPENDED, REWRITTEN = 0, 1, 2
+
+
+@dataclass(eq=False)
+class Unpublish:
+    """What :meth:`HostRows.unpublish` needs to step back over one :meth:`HostRows.publish`."""
+
+    rows: np.ndarray  # i32[k] the batch's rows
+    published: np.ndarray  # i32[k] their published counts before
+    state: np.ndarray  # i8[k] their states before
+    copies: dict[int, int]  # the copy plan before
+    terms: np.ndarray | None = None  # u64[k] their checksum terms before
+    saved: dict[int, np.ndarray] = field(default_factory=dict)  # their saved rows before
 
 
 class HostRows:
@@ -220,6 +233,10 @@ class HostRows:
             else:
                 pending[d] = s
 
+    def copy_sources(self) -> set[int]:
+        """Pages whose KV a pending copy still reads."""
+        return set(self._copies.values())
+
     def copy_plan(self) -> np.ndarray:
         """``i32[2, K]`` pending KV copies (source page, destination page), by destination."""
         if not self._copies:
@@ -228,18 +245,46 @@ class HostRows:
         src = np.array([self._copies[d] for d in dst.tolist()], dtype=np.int32)
         return np.stack([src, dst])
 
-    def settle(self, batch: GroupBatch, terms: np.ndarray | None = None) -> None:
-        """``batch`` is published (with the copy plan): its rows are clean, their saved
-        copies dropped, no KV copy pending."""
-        self._copies.clear()
+    def publish(self, batch: GroupBatch, terms: np.ndarray | None = None) -> Unpublish:
+        """Take ``batch`` (with the copy plan) as published from now on: its rows are clean,
+        their saved copies dropped, no KV copy pending. Rows may change again at once (the
+        next step is built while this epoch is on its way); :meth:`unpublish` with what
+        this returns steps back if the epoch fails."""
         rows = batch.row
+        undo = Unpublish(rows, self.published[rows], self.state[rows], dict(self._copies))
+        self._copies.clear()
         self.published[rows] = batch.count
         self.state[rows] = CLEAN
         if self._saved is not None:
+            undo.terms = self.terms[rows]
             self.terms[rows] = terms
             if self._saved:
                 for row in rows.tolist():
-                    self._saved.pop(row, None)
+                    page = self._saved.pop(row, None)
+                    if page is not None:
+                        undo.saved[row] = page
+        return undo
+
+    settle = publish  # a commit that cannot fail (single-process) just publishes
+
+    def unpublish(self, undo: Unpublish) -> None:
+        """Step back over a failed :meth:`publish`, keeping every change made since: a row
+        changed again after it stays pending, now against what is really published."""
+        rows, now = undo.rows, self.state[undo.rows]
+        state = np.maximum(now, undo.state)  # still changed, and by as much as either says
+        if self._saved is not None:
+            for i in np.flatnonzero(state == REWRITTEN).tolist():
+                row = int(rows[i])
+                if undo.state[i] == REWRITTEN:
+                    self._saved[row] = undo.saved[row]
+                else:  # appended before, rewritten since: the published prefix of that copy
+                    self._saved[row] = self._saved[row][: undo.published[i]].copy()
+            self.terms[rows] = undo.terms
+        self.state[rows] = state
+        self.published[rows] = undo.published
+        since, self._copies = self._copies, dict(undo.copies)
+        if since:  # copies recorded after the failed epoch resolve against its plan
+            self.record_copies(list(since.values()), list(since))
 
     def reset_published(self) -> None:
         """Empty every row and take that as published (the caller emptied its devices)."""
