@@ -8,6 +8,7 @@ chain resolves to the page holding the KV now), independently of the implementat
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import sharded_pagetable as sp
@@ -178,3 +179,32 @@ def test_bad_page_ids_are_refused_and_nothing_changes(table, call, match):
             assert a.tobytes() == b.tobytes()
     receipt = table.commit(ROWS)
     assert not receipt.changed and receipt.kv_copies == ()
+
+
+def test_a_batch_with_every_optional_part_round_trips_the_wire(table):
+    """What a pipelined, scheduled, migrating commit sends decodes to the same batch."""
+    from sharded_pagetable.coordinator.epochs import shard_messages
+    from sharded_pagetable.shard.wire import WireLimits, decode, encode
+
+    fill(table)
+    tgt = 3 * RPS + 1
+    table.move_row(
+        0, tgt, page_ids=[[pool(tgt) + 10, pool(tgt) + 11, pool(tgt) + 12], [pool(tgt) + 13]]
+    )
+    sched = np.zeros(ROWS, np.int64)
+    sched[[0, tgt]] = 2
+    schedule = table._check_schedule(ROWS, sched, np.zeros(ROWS, np.int64))
+    batches = [h.batch(ROWS) for h in table._hosts]
+    plans = tuple(h.copy_plan() for h in table._hosts)
+    messages = shard_messages(5, 4, 2**63 + 5, batches, table.layout, schedule, plans)
+    limits = WireLimits(RPS, table.widths)
+    for m in messages:
+        back = decode(encode(m), limits)
+        assert (back.epoch, back.base, back.shard, back.generation) == (5, 4, m.shard, 2**63 + 5)
+        np.testing.assert_array_equal(back.schedule.sched, m.schedule.sched)
+        np.testing.assert_array_equal(back.schedule.done, m.schedule.done)
+        for a, b in zip(back.kv_copies, m.kv_copies, strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(back.groups, m.groups, strict=True):
+            for col in ("op", "row", "start", "count", "pages"):
+                np.testing.assert_array_equal(getattr(a, col), getattr(b, col))

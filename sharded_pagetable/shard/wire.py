@@ -97,7 +97,7 @@ def _unpack(data: object, max_bytes: int, max_array: int, max_str: int) -> objec
             max_bin_len=max_bytes,
             max_str_len=max_str,
             max_array_len=max_array,
-            max_map_len=8,
+            max_map_len=16,
             max_ext_len=0,
         )
     except WireFormatError:
