@@ -82,6 +82,7 @@ class Commits:
         """The confirmed receipt of the last ``commit(..., wait=False)`` (None if nothing is
         in flight); raises :class:`ShardFailedError` if that epoch failed."""
         with self._lock:
+            self._open()
             return self._settle_in_flight()
 
     def _check_schedule(self, n: int, sched: object, done: object) -> Schedule:
