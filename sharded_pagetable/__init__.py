@@ -6,6 +6,7 @@ The core imports no Ray; ``backend="ray"`` loads :mod:`ray_actors` on demand.
 from .config import RayOptions, TableConfig
 from .constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL, SLOT_MAPPING_PADDING_VAL, cdiv
 from .coordinator.coordinator import ShardedPageTable
+from .coordinator.metrics import TableMetrics, serve_metrics
 from .coordinator.receipt import CommitReceipt, ShardReceipt
 from .errors import (
     ConfigError,
@@ -36,7 +37,9 @@ __all__ = [
     "ShardReceipt",
     "ShardedPageTable",
     "TableConfig",
+    "TableMetrics",
     "WireFormatError",
     "apply_kv_copies",
     "cdiv",
+    "serve_metrics",
 ]

@@ -172,6 +172,7 @@ class TableConfig:
     mesh: Mapping[str, int] | None = None
     num_pages: int | None = None
     pages_per_shard: int | None = None
+    metrics: bool = False
     warmup: bool = True
     recover: str = "manual"
     max_recoveries: int = 3
@@ -199,8 +200,9 @@ class TableConfig:
             _positive_int(
                 "pages_per_shard", self.pages_per_shard, (MAX_INT32 + 1) // self.num_shards
             )
-        if not isinstance(self.warmup, bool):
-            raise ConfigError(f"warmup must be true or false, got {show(self.warmup)}")
+        for key in ("warmup", "metrics"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {show(getattr(self, key))}")
         if self.recover not in _RECOVER:
             raise ConfigError(f"recover must be one of {_RECOVER}, got {show(self.recover)}")
         _positive_int("max_recoveries", self.max_recoveries, MAX_RECOVERIES)
@@ -308,6 +310,7 @@ class TableConfig:
             "row_axis": self.row_axis,
             "num_pages": self.num_pages,
             "pages_per_shard": self.pages_per_shard,
+            "metrics": self.metrics,
             "warmup": self.warmup,
             "recover": self.recover,
             "max_recoveries": self.max_recoveries,

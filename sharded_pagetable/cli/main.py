@@ -1,8 +1,11 @@
 """Command line: ``python -m sharded_pagetable demo|info``.
 
-``demo`` drives a table from a YAML config through a serving workload (one commit and one
-slot mapping per step), checks the device state against the mirror every few steps through
-``run_on_shards``, and ends with a summary table and a plot. ``info`` prints the layout.
+``demo`` drives a table from a YAML config through a serving workload. With
+``pages_per_shard`` (KV-local page pools) every step is one commit carrying the schedule and
+one model step in every shard process (KV copies, K/V writes, paged attention), checked
+against dense attention every few steps; without it, one commit per step. Either way the
+device state is compared with the mirror through ``run_on_shards``, and the run ends with a
+summary table and a plot. ``info`` prints the layout.
 """
 
 from __future__ import annotations
@@ -86,51 +89,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_devices(table, num_reqs: int) -> list[str]:
-    """Compare every shard process's view of the device arrays with the mirror."""
-    import numpy as np
-
-    from .checks import host_row_digests, row_digests
-
-    problems = []
-    per_shard = table.run_on_shards(row_digests)
-    for g in range(len(table)):
-        want = host_row_digests(table[g].get_cpu_tensor()[:num_reqs])
-        for s, digests in enumerate(per_shard):
-            bad = np.flatnonzero(digests[g][:num_reqs] != want)
-            if bad.size:
-                problems.append(f"group {g}: shard process {s} sees rows {bad[:5].tolist()} differ")
-    return problems
-
-
-def _check_mirror(table, workload, num_reqs: int) -> list[str]:
-    """The mirror must hold exactly the pages the workload gave each live row."""
-    problems = []
-    for g in range(len(table)):
-        host = table[g]
-        for row, req in enumerate(workload.rows[:num_reqs]):
-            n = int(host.num_pages_per_row[row])
-            if host.get_cpu_tensor()[row, :n].tolist() != req.pages[g]:
-                problems.append(f"group {g}: row {row} does not hold request {req.rid}'s pages")
-                break
-        held = [p for r in workload.rows for p in r.pages[g]]
-        if len(held) != len(set(held)):
-            problems.append(f"group {g}: a page id is held by two live rows")
-    return problems
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    config = _load(args.config, {})
-    if args.address:
-        import dataclasses
+    from . import demo, report
 
-        ray_options = dataclasses.replace(config.ray, address=args.address)
-        config = dataclasses.replace(config, ray=ray_options)
-    import numpy as np
-    from tqdm import tqdm
-
-    from ..serving.workload import ServingWorkload, WorkloadConfig, apply_ops
-
+    config = demo.with_address(_load(args.config, {}), args.address)
     print(f"starting {config.backend} backend: {config.num_shards} shards from {args.config}")
     t0 = time.perf_counter()
     try:
@@ -147,106 +109,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return 2
         raise
     print(f"ready in {time.perf_counter() - t0:.1f}s")
-    max_len = config.max_model_len
-    wl_config = WorkloadConfig(
-        seed=args.seed,
-        arrivals_per_step=args.arrivals,
-        prompt_len=(min(16, max_len // 4), max(16, min(args.max_prompt, max_len // 2))),
-        output_len=(min(8, max_len // 4), max(8, min(args.max_output, max_len // 2))),
-        token_budget=config.max_num_batched_tokens,
-    )
-    workload = ServingWorkload(wl_config, config.max_num_reqs, max_len, config.page_sizes)
-    rps = table.layout.rows_per_shard
-    commit_us, dirty, sent, live, problems = [], [], [], [], []
-    cross = tokens = checks = 0
+    if config.pages_per_shard is None:
+        print("no pages_per_shard in the config: commits only, no model step")
     with table:
-        for step_no in tqdm(range(args.steps), desc="steps", unit="step", disable=args.quiet):
-            step = workload.step()
-            apply_ops(table, step.ops)
-            cross += sum(
-                1
-                for name, a in step.ops
-                if name in ("move_row", "swap_row") and a[0] // rps != a[1] // rps
-            )
-            t = time.perf_counter()
-            receipt = table.commit(step.num_reqs)
-            commit_us.append((time.perf_counter() - t) * 1e6)
-            dirty.append(receipt.rows)
-            sent.append(receipt.bytes)
-            live.append(step.num_reqs)
-            for g in range(len(table)):
-                table.compute_slot_mapping(g, step.token_rows, step.token_positions)
-            tokens += step.token_rows.size
-            if (step_no + 1) % args.check_every == 0 or step_no + 1 == args.steps:
-                checks += 1
-                problems += _check_mirror(table, workload, step.num_reqs)
-                problems += _check_devices(table, step.num_reqs)
-                if problems:
-                    break
-        # Publish everything and compare whole snapshots with the mirror.
-        table.commit(config.max_num_reqs)
-        for g in range(len(table)):
-            if not np.array_equal(table.device_snapshot(g), table[g].get_cpu_tensor()):
-                problems.append(f"group {g}: final device snapshot differs from the mirror")
-        checks += 1
-    _summary(args, config, workload, commit_us, dirty, sent, cross, tokens, checks, problems)
+        workload, stats = demo.run(args, config, table)
+    report.summary(args, config, workload, stats)
     if not args.no_plot:
-        _plot(args.plot, commit_us, dirty, live)
+        report.plot(args.plot, stats)
         print(f"plot        {args.plot}")
-    if problems:
-        print("CHECK FAILED:\n  " + "\n  ".join(problems), file=sys.stderr)
+    if stats.problems:
+        print("CHECK FAILED:\n  " + "\n  ".join(stats.problems), file=sys.stderr)
         return 1
     print("all checks passed")
     return 0
-
-
-def _summary(args, config, workload, commit_us, dirty, sent, cross, tokens, checks, problems):
-    import numpy as np
-
-    changed = [u for u, d in zip(commit_us, dirty, strict=True) if d]
-    rows = [
-        ("backend", f"{config.backend}, {config.num_shards} shards"),
-        ("steps", f"{len(commit_us)}"),
-        ("requests served", f"{workload.served} (live at end: {len(workload.rows)})"),
-        ("tokens scheduled", f"{tokens}"),
-        ("rows moved across shards", f"{cross}"),
-        (
-            "commit p50 / p99",
-            f"{np.percentile(commit_us, 50):.0f} / {np.percentile(commit_us, 99):.0f} us",
-        ),
-        ("commit p50 (rows changed)", f"{np.percentile(changed, 50):.0f} us" if changed else "-"),
-        ("dirty rows per commit", f"mean {np.mean(dirty):.1f}, max {max(dirty)}"),
-        ("bytes per commit", f"mean {np.mean(sent):.0f}, max {max(sent)}"),
-        ("checks", f"{checks} ({'FAILED' if problems else 'all passed'})"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print()
-    print("+" + "-" * (width + 2) + "+" + "-" * 42 + "+")
-    for key, value in rows:
-        print(f"| {key:<{width}} | {value:<40} |")
-    print("+" + "-" * (width + 2) + "+" + "-" * 42 + "+")
-
-
-def _plot(path: str, commit_us, dirty, live) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    ax[0].plot(commit_us, lw=0.8, color="tab:blue")
-    ax[0].set_ylabel("commit time (us)")
-    ax[0].set_yscale("log")
-    ax[0].set_title("sharded-pagetable demo: one commit per scheduler step")
-    ax[1].plot(dirty, lw=0.8, color="tab:orange", label="row updates sent (all groups)")
-    ax[1].plot(live, lw=0.8, color="tab:green", label="live rows (num_reqs)")
-    ax[1].set_ylabel("rows")
-    ax[1].set_xlabel("step")
-    ax[1].legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--check-every", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--arrivals", type=float, default=6.0, help="mean new requests per step")
-    demo.add_argument("--max-prompt", type=int, default=2048)
-    demo.add_argument("--max-output", type=int, default=512)
+    demo.add_argument("--arrivals", type=float, default=1.5, help="mean new requests per step")
+    demo.add_argument("--max-prompt", type=int, default=1024, help="capped at max_model_len / 2")
+    demo.add_argument("--max-output", type=int, default=128, help="capped at max_model_len / 2")
+    demo.add_argument("--q-heads", type=int, default=2, help="attention query heads")
+    demo.add_argument("--kv-heads", type=int, default=1, help="attention KV heads")
+    demo.add_argument("--head-dim", type=int, default=8, help="attention head dimension")
     demo.add_argument("--plot", default="out/demo.png")
     demo.add_argument("--no-plot", action="store_true")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -271,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "steps", 1) < 1 or getattr(args, "check_every", 1) < 1:
         parser.error("--steps and --check-every must be positive")
+    if args.command == "demo":
+        if min(args.q_heads, args.kv_heads, args.head_dim) < 1 or args.q_heads % args.kv_heads:
+            parser.error(
+                "--q-heads, --kv-heads and --head-dim must be positive and --q-heads a multiple "
+                f"of --kv-heads, got {args.q_heads}, {args.kv_heads}, {args.head_dim}"
+            )
+        if min(args.max_prompt, args.max_output) < 1 or args.arrivals < 0:
+            parser.error("--max-prompt and --max-output must be positive, --arrivals >= 0")
     try:
         return args.func(args)
     except _BadConfig as exc:

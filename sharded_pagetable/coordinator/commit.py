@@ -10,6 +10,7 @@ raised. At most one epoch is in flight: every later call settles it first.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from ..table.schedule import check_schedule
 from ..table.validation import check_count
 from .backend import Backend, Result
 from .epochs import expected_after, failures, shard_messages
+from .metrics import TableMetrics
 from .receipt import CommitReceipt, ShardReceipt
 from .start import step_config
 
@@ -32,6 +34,7 @@ class InFlight:
     messages: list[ShardBatch]
     expected: list[int]
     undo: list[Unpublish]
+    started: float  # perf_counter() when the commit began
 
 
 class Commits:
@@ -39,6 +42,7 @@ class Commits:
     the epoch state)."""
 
     _in_flight: InFlight | None = None
+    metrics: TableMetrics | None = None
 
     def commit(
         self,
@@ -100,6 +104,7 @@ class Commits:
 
     def _send_epoch(self, backend: Backend, n: int, schedule: Schedule | None) -> CommitReceipt:
         """Send the next epoch and take it as published in the mirror (unconfirmed)."""
+        started = time.perf_counter()
         batches = [host.batch(n) for host in self._hosts]
         if schedule is None and not any(b.size for b in batches):
             return CommitReceipt(self.epoch, n, False, ())
@@ -121,7 +126,9 @@ class Commits:
             ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages)
         )
         receipt = CommitReceipt(epoch, n, True, receipts, plans, confirmed=False)
-        self._in_flight = InFlight(receipt, messages, expected, undo)
+        self._in_flight = InFlight(receipt, messages, expected, undo, started)
+        if self.metrics is not None:
+            self.metrics.sent(receipt)
         return receipt
 
     def _settle_in_flight(self) -> CommitReceipt | None:
@@ -132,13 +139,18 @@ class Commits:
         backend = self._open()
         epoch = flight.receipt.epoch
         try:
-            self._confirm(backend, backend.collect(), flight.expected, epoch)
+            acks = backend.collect()
+            self._confirm(backend, acks, flight.expected, epoch)
         except BaseException:
             for host, undo in zip(reversed(self._hosts), reversed(flight.undo), strict=True):
                 host.unpublish(undo)
+            if self.metrics is not None:
+                self.metrics.failed()
             raise
         self._expected = flight.expected
         self.epoch = epoch
+        if self.metrics is not None:
+            self.metrics.confirmed(epoch, time.perf_counter() - flight.started, acks)
         return flight.receipt.confirm()
 
     def _confirm(self, backend: Backend, results: list[Result], expected: list[int], epoch: int):

@@ -36,6 +36,7 @@ from .epochs import (
     new_generation,
     published_states,
 )
+from .metrics import TableMetrics
 from .pooled import GuardedRowOps
 from .reads import ShardReads
 from .start import check_args, check_pool_pages, start_backend
@@ -63,6 +64,8 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
       recover: ``"manual"`` (a lost shard fails the table closed until ``recover()``) or
         ``"auto"`` (recovered inside the failing call, up to ``max_recoveries`` times).
       ray: options of the Ray backend (address, devices per shard, timeout, placement).
+      metrics: True (or a :class:`TableMetrics`) to record Prometheus metrics in
+        ``t.metrics`` (off by default: no cost).
 
     Example::
 
@@ -89,6 +92,7 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
         recover: str = "manual",
         max_recoveries: int = 3,
         ray: RayOptions | Mapping[str, Any] | None = None,
+        metrics: bool | TableMetrics = False,
         _attach: bool = False,
     ) -> None:
         page_sizes = check_page_sizes(page_sizes)
@@ -112,6 +116,9 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
         self.recoveries: list[float] = []  # seconds each recovery took
         self.lost_kv_rows = np.empty(0, np.int32)  # i32[k] live rows the last recovery lost
         self._lock = threading.RLock()
+        self.metrics = metrics if isinstance(metrics, TableMetrics) else None
+        if metrics is True:
+            self.metrics = TableMetrics()
         self.widths = widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
         if pages_per_shard is not None:
             self._pools = PagePools(num_shards, max_num_reqs // num_shards, pages_per_shard)
@@ -262,6 +269,8 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
             self._failed = None
             seconds = time.perf_counter() - t0
             self.recoveries.append(seconds)
+            if self.metrics is not None:
+                self.metrics.recovered()
             log.warning(
                 "recovered %d shards at epoch %d in %.2fs", self.num_shards, self.epoch, seconds
             )

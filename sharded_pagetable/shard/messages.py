@@ -146,7 +146,8 @@ class Ack:
 
     ``rows`` counts the row updates of the batch answered; ``applied`` is False when nothing
     changed (a status query, or a re-sent epoch acknowledged without applying it again);
-    ``generation`` is the coordinator generation the shard obeys.
+    ``generation`` is the coordinator generation the shard obeys; ``apply_us`` how long the
+    shard itself took to apply the batch answered.
     """
 
     shard: int
@@ -155,6 +156,7 @@ class Ack:
     rows: int
     applied: bool
     generation: int = 0
+    apply_us: int = 0
 
 
 REFUSAL_KINDS = ("wire", "fenced", "error")

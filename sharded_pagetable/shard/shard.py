@@ -11,6 +11,7 @@ nowhere.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import jax
@@ -138,8 +139,10 @@ class Shard:
             for g, consts in enumerate(self.consts):
                 kernels.warm_up(self.tables[g], self.counts[g], self.inner[g], consts)
 
-    def _ack(self, rows: int, applied: bool) -> Ack:
-        return Ack(self.spec.shard_id, self.epoch, self.checksum, rows, applied, self.generation)
+    def _ack(self, rows: int, applied: bool, apply_us: int = 0) -> Ack:
+        return Ack(
+            self.spec.shard_id, self.epoch, self.checksum, rows, applied, self.generation, apply_us
+        )
 
     def status(self) -> Ack:
         """The epoch this shard holds and the checksum of its rows."""
@@ -184,6 +187,7 @@ class Shard:
     def apply(self, batch: ShardBatch | bytes) -> Ack:
         """Apply one epoch's batch (a value, or wire bytes decoded strictly first); a re-sent
         epoch is acknowledged without applying it again."""
+        t0 = time.perf_counter()
         batch = self._decoded(batch)
         self._obey(batch.generation)
         digest = batch_digest(batch)
@@ -221,7 +225,7 @@ class Shard:
         self.checksum = total
         self.epoch = batch.epoch
         self._digest = digest
-        return self._ack(batch.rows, applied=True)
+        return self._ack(batch.rows, True, int((time.perf_counter() - t0) * 1e6))
 
     def rollback(self, epoch: int, generation: int = 0) -> Ack:
         """Step back from ``epoch`` to the epoch before it (no-op if ``epoch`` is not held)."""

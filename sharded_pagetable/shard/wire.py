@@ -5,7 +5,7 @@ msgpack map ``{"v", "epoch", "base", "shard", "groups"}`` plus ``"gen"`` (the co
 generation; absent means 0) and, for a commit with a step schedule, ``"sched"`` and
 ``"done"`` (one int32 per shard row); ``groups`` holds one map per KV-cache group with the columns
 of :class:`~.messages.GroupBatch` as little-endian int32 byte strings. A reply is
-``{"v", "ack": [shard, epoch, checksum, rows, applied, generation]}`` or
+``{"v", "ack": [shard, epoch, checksum, rows, applied, generation, apply_us]}`` or
 ``{"v", "refused": [shard, kind, message, generation]}``.
 
 Decoding is strict: exact keys, bounded sizes, no extension types, consistent lengths and
@@ -231,7 +231,8 @@ def encode_reply(reply: Ack | Refusal) -> bytes:
     """Serialise a shard's answer; a refusal's message is cut to a bounded length."""
     if isinstance(reply, Ack):
         body = [
-            reply.shard, reply.epoch, reply.checksum, reply.rows, reply.applied, reply.generation
+            reply.shard, reply.epoch, reply.checksum, reply.rows, reply.applied,
+            reply.generation, reply.apply_us,
         ]  # fmt: skip
         return msgpack.packb({"v": VERSION, "ack": body})
     body = [reply.shard, reply.kind, reply.message[:_MAX_REASON], reply.generation]
@@ -240,7 +241,7 @@ def encode_reply(reply: Ack | Refusal) -> bytes:
 
 def decode_reply(data: bytes, num_shards: int) -> Ack | Refusal:
     """Parse a shard's answer; anything but a well-formed ack or refusal raises."""
-    msg = _unpack(data, _MAX_REPLY, 6, _MAX_REASON * 4)
+    msg = _unpack(data, _MAX_REPLY, 7, _MAX_REASON * 4)
     if type(msg) is dict and "refused" in msg:
         msg = _check_version(msg, _REFUSED_KEYS, "refusal")
         body = msg["refused"]
@@ -261,18 +262,21 @@ def decode_reply(data: bytes, num_shards: int) -> Ack | Refusal:
         return Refusal(*body)
     msg = _check_version(msg, _ACK_KEYS, "reply")
     body = msg["ack"]
-    if type(body) is not list or len(body) != 6:
-        raise WireFormatError("an ack must be [shard, epoch, checksum, rows, applied, generation]")
-    shard, epoch, checksum, rows, applied, generation = body
+    if type(body) is not list or len(body) != 7:
+        raise WireFormatError(
+            "an ack must be [shard, epoch, checksum, rows, applied, generation, apply_us]"
+        )
+    shard, epoch, checksum, rows, applied, generation, apply_us = body
     for name, value, upper in (
         ("shard", shard, num_shards - 1),
         ("epoch", epoch, _MAX_EPOCH),
         ("checksum", checksum, _MAX_U64),
         ("rows", rows, 2**31 - 1),
         ("generation", generation, _MAX_U64),
+        ("apply_us", apply_us, 2**63 - 1),
     ):
         if type(value) is not int or not 0 <= value <= upper:
             raise WireFormatError(f"ack field {name} must be an int in 0..{upper}, got {value!r}")
     if type(applied) is not bool:
         raise WireFormatError(f"ack field applied must be a bool, got {applied!r}")
-    return Ack(shard, epoch, checksum, rows, applied, generation)
+    return Ack(shard, epoch, checksum, rows, applied, generation, apply_us)
