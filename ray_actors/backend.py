@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,10 +22,10 @@ from sharded_pagetable.shard.shard import ShardSpec
 from sharded_pagetable.shard.wire import WireLimits, decode, decode_reply, encode
 
 from .calls import per_shard
-from .channel import ChannelClosedError, new_keys
-from .cluster import connect, reap, release, spread_strategies
+from .channel import ChannelClosedError
+from .cluster import connect, reap, release
 from .delivery import EpochDelivery
-from .shard_actor import ShardActor
+from .launch import ShardSet, alive, kill, launch
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class RayBackend:
         self._generation = 0  # the coordinator generation this backend last fenced with
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
+        self._standby: ShardSet | None = None  # a started, warmed, idle set (ray.standby)
+        self._replacing: threading.Thread | None = None  # starting the next standby
         try:
             if attach:
                 self._attach()
@@ -123,62 +125,49 @@ class RayBackend:
                 self._pg = None
 
     def _start(self) -> None:
-        o = self.options
-        gpu = o.platform == "gpu"
-        strategies: list[Any] = [None] * self.num_shards
-        num_cpus = o.cpus_per_shard
-        if o.placement == "spread":
-            bundle: dict[str, float] = {"CPU": o.cpus_per_shard or 0.01}
-            if gpu:
-                bundle["GPU"] = o.devices_per_shard
-            # A detached table's group is named and detached too: Ray removes a driver's
-            # placement groups (and the actors in them) when that driver exits.
-            self._pg, strategies = spread_strategies(
-                self.num_shards,
-                bundle,
-                o.timeout_s,
-                name=f"{o.name}-pg" if o.detached else "",
-                detached=o.detached,
-            )
-            num_cpus = bundle["CPU"]
-        remote_cls = ray.remote(ShardActor)
-        for i, strategy in enumerate(strategies):
-            opts: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": 0, "max_concurrency": 1}
-            if gpu:
-                opts["num_gpus"] = o.devices_per_shard
-            if strategy is not None:
-                opts["scheduling_strategy"] = strategy
-            if o.detached:
-                opts.update(name=self.actor_name(i), namespace=o.namespace, lifetime="detached")
-            self.actors.append(self._create(remote_cls, opts, i, o.devices_per_shard, o.platform))
-        t0 = time.perf_counter()
-        address = ray.get(self.actors[0].node_address.remote(), timeout=max(o.timeout_s, 120))
-        heartbeat = max(10, int(o.timeout_s * 2))
-        keys = new_keys(self.num_shards)  # each shard its own channel secret
-        refs = [
-            a.start.remote(address, spec, self.mesh_axes, self.row_axis, heartbeat, key)
-            for a, spec, key in zip(self.actors, self.specs, keys, strict=True)
-        ]
-        self.placements = self._gather(refs, "start", timeout=max(o.timeout_s, 180))
-        self._delivery = EpochDelivery(self.actors, self.placements, keys, self.options)
-        self.start_seconds = time.perf_counter() - t0
-        log.info("started %d shard actors in %.1fs", self.num_shards, self.start_seconds)
+        self._use(self._new_set())
+        if self.options.standby:
+            self._standby = self._new_set()
 
-    def _create(self, remote_cls, opts: dict, shard: int, devices: int, platform: str):
-        """Create one actor; a detached name still held by a just-killed actor is retried."""
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return remote_cls.options(**opts).remote(shard, self.num_shards, devices, platform)
-            except ValueError as exc:
-                if "name" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    def _new_set(self) -> ShardSet:
+        shards = launch(self.specs, self.mesh_axes, self.row_axis, self.options, self.actor_name)
+        self.start_seconds = shards.seconds
+        return shards
+
+    def _use(self, shards: ShardSet) -> None:
+        """Make ``shards`` the shards this backend drives."""
+        self.actors, self.placements, self._pg = shards.actors, shards.placements, shards.pg
+        self._delivery = EpochDelivery(self.actors, self.placements, shards.keys, self.options)
 
     def restart(self) -> None:
-        """Replace every shard process (a JAX job cannot continue without one of them)."""
+        """Replace every shard process (a JAX job cannot continue without one of them):
+        switch to the standby set when there is one (and start its replacement in the
+        background), else start a new set now."""
         self._kill_all()
-        self._start()
+        standby = self._take_standby()
+        if standby is None:
+            self._use(self._new_set())
+            return
+        self._use(standby)
+        self._replacing = threading.Thread(target=self._launch_standby, daemon=True)
+        self._replacing.start()
+
+    def _take_standby(self) -> ShardSet | None:
+        if self._replacing is not None:
+            self._replacing.join()
+            self._replacing = None
+        standby, self._standby = self._standby, None
+        if standby is not None and not alive(standby):
+            kill(standby.actors)
+            release(standby.pg)
+            return None
+        return standby
+
+    def _launch_standby(self) -> None:
+        try:
+            self._standby = self._new_set()
+        except Exception as exc:  # the next recovery starts a set itself
+            log.warning("could not start a standby set of shards: %s", exc)
 
     # -- calls -----------------------------------------------------------------------
 
@@ -300,11 +289,7 @@ class RayBackend:
             self._delivery.close()
             self._delivery = None
         actors, self.actors = self.actors, []
-        for a in actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception as exc:  # already dead
-                log.debug("kill failed: %s", exc)
+        kill(actors)
         killed = reap(self.placements)  # a stopped process must not keep its devices
         if killed:
             log.warning("killed shard processes %s that did not exit when asked", killed)
@@ -321,6 +306,11 @@ class RayBackend:
             refs = [a.shutdown.remote() for a in self.actors]
             ray.wait(refs, num_returns=len(refs), timeout=10)
         self._kill_all()
+        standby = self._take_standby()
+        if standby is not None:
+            kill(standby.actors)
+            reap(standby.placements)
+            release(standby.pg)
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False

@@ -2,6 +2,7 @@
 
     scripts/dev.sh bench chaos_soak                      # 50 kills, 15 inside a commit
     scripts/dev.sh bench chaos_soak --kills 10 --steps 40
+    scripts/dev.sh bench chaos_soak --standby            # recover onto pre-started shards
 
 Prints kills survived, rows lost, mixed-epoch arrays and recovery time p50/p99; exits
 non-zero if any row was lost, any array mixed epochs or the mirror diverged.
@@ -28,6 +29,9 @@ def main() -> int:
     parser.add_argument("--in-commit", type=int, default=15)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--standby", action="store_true", help="ray.standby: recover onto pre-started shards"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     import ray
@@ -42,6 +46,7 @@ def main() -> int:
                 in_commit=args.in_commit,
                 seed=args.seed,
                 num_shards=args.shards,
+                standby=args.standby,
             ),
             progress=lambda r: print(
                 f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True

@@ -108,6 +108,10 @@ class RayOptions:
         actor calls, 2-3 ms per fan-out on a 2-core machine) or ``"compiled"`` (a Ray
         compiled graph; its actors poll their channels, measured at 40-70% of a core each
         while idle, so only for machines with cores to spare).
+      standby: keep a second, started and warmed set of shard processes (its own JAX job,
+        idle in its actor loop, not polling) that a recovery re-seeds and switches to, then
+        replaces in the background: recovery skips JAX start-up and warm-up. Costs the
+        idle processes' memory; with ``placement: spread`` it needs twice the nodes.
     """
 
     address: str | None = None
@@ -120,6 +124,7 @@ class RayOptions:
     detached: bool = False
     name: str = "pagetable"
     channel: str = "socket"
+    standby: bool = False
 
     def __post_init__(self) -> None:
         if self.address is not None and not isinstance(self.address, str):
@@ -147,6 +152,13 @@ class RayOptions:
             raise ConfigError(f"ray.channel must be one of {_CHANNELS}, got {show(self.channel)}")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"ray.name must be a non-empty string, got {show(self.name)}")
+        if not isinstance(self.standby, bool):
+            raise ConfigError(f"ray.standby must be true or false, got {show(self.standby)}")
+        if self.standby and self.detached:
+            raise ConfigError(
+                "ray.standby does not go with ray.detached: a standby set has no names to "
+                "attach to; pick one"
+            )
 
     @classmethod
     def from_value(cls, value: RayOptions | Mapping[str, Any] | None) -> RayOptions:

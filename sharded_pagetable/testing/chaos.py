@@ -39,6 +39,7 @@ class ChaosConfig:
     page_sizes: tuple[int, ...] = (16, 64)
     timeout_s: float = 30.0
     max_recoveries: int = 3
+    standby: bool = False  # ray.standby: recover by switching to pre-started shards
 
     def __post_init__(self) -> None:
         if not 0 <= self.in_commit <= self.kills <= self.steps:
@@ -131,7 +132,11 @@ def run_chaos(config: ChaosConfig, progress=None) -> ChaosReport:
         backend="ray",
         recover="auto",
         max_recoveries=config.max_recoveries,
-        ray={"devices_per_shard": config.devices_per_shard, "timeout_s": config.timeout_s},
+        ray={
+            "devices_per_shard": config.devices_per_shard,
+            "timeout_s": config.timeout_s,
+            "standby": config.standby,
+        },
     )
     replay = sp.MultiGroupPageTable(
         config.max_num_reqs,
