@@ -7,9 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
-from ..table.host import HostRows
+from ..table.host import HostRows, HostView
 
 
 def synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -23,7 +22,7 @@ def synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
     return locked
 
 
-class GroupView:
+class GroupView(HostView):
     """``t[g]`` of a sharded table: host reads come from the coordinator's mirror.
 
     Args:
@@ -40,22 +39,6 @@ class GroupView:
         self.max_num_reqs = host.num_rows
         self.max_num_pages_per_req = host.capacity
         self.max_num_batched_tokens = max_num_batched_tokens
-
-    @property
-    def page_table_cpu(self) -> np.ndarray:  # i32[R, P]
-        return self._host.table
-
-    @property
-    def num_pages_per_row(self) -> np.ndarray:  # i32[R]
-        return self._host.counts
-
-    @property
-    def cpu_version(self) -> int:
-        """Grows with every change to the mirror's rows of this group (see ``HostRows``)."""
-        return self._host.cpu_version
-
-    def get_cpu_tensor(self) -> np.ndarray:
-        return self._host.table
 
     def get_device_tensor(self) -> jax.Array:
         """The group's global array (``backend="local"`` only: elsewhere it lives in the shard

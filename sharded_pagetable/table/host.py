@@ -323,3 +323,29 @@ class HostRows:
                 batch.op, rows.astype(np.int32), batch.start, batch.count, batch.pages
             )
             self.terms[rows] = kernels.batch_terms(self.terms, glob, self.consts)[0]
+
+
+class HostView:
+    """The seed's host-side reads of one group's table, over ``self._host``: shared by the
+    single-process ``PageTable`` and the sharded table's ``t[g]``."""
+
+    _host: HostRows
+
+    @property
+    def page_table_cpu(self) -> np.ndarray:  # i32[R, P]
+        return self._host.table
+
+    @property
+    def num_pages_per_row(self) -> np.ndarray:  # i32[R]
+        return self._host.counts
+
+    @property
+    def cpu_version(self) -> int:
+        """Grows with every change to the host table (not with commits or refused calls);
+        equal values mean an unchanged :meth:`get_cpu_tensor`, so views derived from it may
+        be cached on it, as EasyDeL's eSurge runner does."""
+        return self._host.cpu_version
+
+    def get_cpu_tensor(self) -> np.ndarray:
+        """The live host table ``i32[R, P]``."""
+        return self._host.table

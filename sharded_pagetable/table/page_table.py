@@ -5,16 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 
 from ..constants import cdiv
 from ..shard.device import DeviceRows, assemble
-from .host import HostRows, PageIds
+from .host import HostRows, HostView, PageIds
 from .row_ops import MultiGroupRowOps
 from .validation import check_count
 
 
-class PageTable:
+class PageTable(HostView):
     """Page ids of every request row for one KV-cache group, on the host and on devices.
 
     Row operations change the host table only; :meth:`commit` is the one point that touches
@@ -69,21 +68,6 @@ class PageTable:
         self._array: jax.Array | None = None  # the assembled global array, until a commit
 
     # The seed exposes these as attributes; they are the live host arrays.
-    @property
-    def page_table_cpu(self) -> np.ndarray:  # i32[R, P]
-        return self._host.table
-
-    @property
-    def num_pages_per_row(self) -> np.ndarray:  # i32[R]
-        return self._host.counts
-
-    @property
-    def cpu_version(self) -> int:
-        """Grows with every change to the host table (not with commits or refused calls);
-        equal values mean an unchanged :meth:`get_cpu_tensor`, so views derived from it may
-        be cached on it, as EasyDeL's eSurge runner does."""
-        return self._host.cpu_version
-
     def append_row(self, page_ids: PageIds, row_idx: int) -> None:
         """Append ``page_ids`` after the row's current pages."""
         host = self._host
@@ -142,10 +126,6 @@ class PageTable:
         if self._array is None:
             self._array = assemble(self._shape, self._sharding, self._device.buffers())
         return self._array
-
-    def get_cpu_tensor(self) -> np.ndarray:
-        """The live host table ``i32[R, P]``."""
-        return self._host.table
 
 
 class MultiGroupPageTable(MultiGroupRowOps):

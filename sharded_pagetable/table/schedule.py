@@ -13,21 +13,7 @@ import numpy as np
 
 from ..constants import cdiv
 from ..shard.messages import Schedule
-from .validation import check_list, int_items
-
-
-def _int_vector(values: object, what: str) -> np.ndarray:
-    """``values`` (list or 1-D integer array) as a new ``i64[n]``; anything else raises."""
-    values = check_list(values, what)
-    if not isinstance(values, np.ndarray):
-        values = np.array(int_items(list(values), what) or [], dtype=np.int64)
-    if values.ndim != 1:
-        raise ValueError(f"{what} must be one-dimensional, got shape {values.shape}")
-    if values.size and values.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be integers, got dtype {values.dtype}")
-    if values.size and values.dtype == np.uint64 and int(values.max()) > np.iinfo(np.int64).max:
-        raise ValueError(f"{what} value {int(values.max())} is out of range (int64)")
-    return values.astype(np.int64)
+from .validation import int_vector
 
 
 def check_schedule(
@@ -62,7 +48,7 @@ def check_schedule(
     arrays = {"num_scheduled_tokens": sched, "num_computed_tokens": done}
     full = {}
     for what, values in arrays.items():
-        arr = _int_vector(values, what)
+        arr = int_vector(values, what)
         if arr.size != num_reqs:
             raise ValueError(f"{what} has {arr.size} entries, but num_reqs={num_reqs}")
         if arr.size and arr.min() < 0:

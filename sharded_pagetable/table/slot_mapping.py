@@ -12,34 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..constants import SLOT_MAPPING_PADDING_VAL
-from .validation import check_list, int_items
-
-
-def _int_array(values: object, what: str) -> np.ndarray:
-    """A new ``i64[n]`` holding exactly ``values``: a list of integers or a 1-D integer array.
-
-    Bools (also inside a list), floats, masked arrays, 0-d arrays, strings and iterators
-    raise ``ValueError``, as do values that do not fit in int64 (a cast would wrap them).
-    """
-    values = check_list(values, what)
-    if isinstance(values, np.ndarray):
-        arr = values
-    else:
-        values = list(values)  # ours: every pass below reads the same items
-        if {*map(type, values)} - {int}:  # one C-level pass; the per-item check only if needed
-            values = int_items(values, what)
-        try:
-            arr = np.array(values, dtype=np.int64)
-        except OverflowError:
-            bad = max(values, key=abs)
-            raise ValueError(f"{what} value {bad} is out of range (int64)") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{what} must be one-dimensional, got shape {arr.shape}")
-    if arr.size and arr.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
-    if arr.size and arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
-        raise ValueError(f"{what} value {int(arr.max())} is out of range (int64)")
-    return arr.astype(np.int64)  # a copy: checks and lookups below see the same values
+from .validation import int_vector
 
 
 def compute_slot_mapping(
@@ -61,8 +34,8 @@ def compute_slot_mapping(
     Raises ``ValueError`` for mismatched lengths or too many tokens, ``IndexError`` for a row
     out of range or a position past the pages its row holds.
     """
-    rows = _int_array(req_indices, "req_indices")
-    pos = _int_array(positions, "positions")
+    rows = int_vector(req_indices, "req_indices")
+    pos = int_vector(positions, "positions")
     if rows.size != pos.size:
         raise ValueError(f"{rows.size} req_indices but {pos.size} positions")
     if rows.size > max_num_batched_tokens:

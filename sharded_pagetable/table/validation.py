@@ -163,3 +163,30 @@ def group_lists(page_ids: object, num_groups: int) -> Sequence | np.ndarray:
             f"page ids name {len(page_ids)} groups but the table has {num_groups} KV-cache groups"
         )
     return page_ids
+
+
+def int_vector(values: object, what: str) -> np.ndarray:
+    """A new ``i64[n]`` holding exactly ``values``: a list of integers or a 1-D integer array.
+
+    Bools (also inside a list), floats, masked arrays, 0-d arrays, strings and iterators
+    raise ``ValueError``, as do values that do not fit in int64 (a cast would wrap them).
+    """
+    values = check_list(values, what)
+    if isinstance(values, np.ndarray):
+        arr = values
+    else:
+        values = list(values)  # ours: every pass below reads the same items
+        if {*map(type, values)} - {int}:  # one C-level pass; the per-item check only if needed
+            values = int_items(values, what)
+        try:
+            arr = np.array(values, dtype=np.int64)
+        except OverflowError:
+            bad = max(values, key=abs)
+            raise ValueError(f"{what} value {bad} is out of range (int64)") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{what} value {int(arr.max())} is out of range (int64)")
+    return arr.astype(np.int64)  # a copy: checks and lookups below see the same values
