@@ -34,3 +34,32 @@ def test_bench_page_table_quick(tmp_path: Path) -> None:
     assert {"meta", "per_op", "commit", "targets"} <= doc.keys()
     assert all(op in doc["per_op"] for op in ("append_row", "move_row", "swap_row"))
     assert all(r["same_state"] for r in doc["per_op"].values())
+
+
+def test_bench_serving_quick(tmp_path: Path) -> None:
+    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
+    out_json = tmp_path / "serving.json"
+    proc = subprocess.run(
+        [
+            str(python),
+            str(ROOT / "scripts" / "bench_serving.py"),
+            "--quick",
+            "--json",
+            str(out_json),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "target commit with schedule <= 1.3x" in proc.stdout
+    assert "noisy" in proc.stdout
+    doc = json.loads(out_json.read_text())
+    assert {"meta", "step", "migration", "targets"} <= doc.keys()
+    assert not doc["errors"]
+    (step,) = doc["step"]  # --quick: the local backend only
+    assert step["step_inputs_match"]
+    assert all(step[k]["p50_us"] > 0 for k in ("a", "c", "d", "c_sync", "d_sync"))
+    assert [m["pages"] for m in doc["migration"]] == doc["meta"]["migrate_pages"]
+    assert all(m["copy_correct"] for m in doc["migration"])
