@@ -19,14 +19,22 @@ stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "installing sharded-pagetable and its dependencies into .venv (first run only)..."
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true
-  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v 'is ignored' || true
-  .venv/bin/python -c 'import jax, ray, msgpack, yaml, hypothesis, pytest' || {
+  # The project runs from this checkout (PYTHONPATH below, which Ray's workers inherit), so
+  # only its dependencies are installed: no build step, and no stale installed copy.
+  .venv/bin/python - <<'PY' > .venv/requirements.txt
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+PY
+  .venv/bin/python -m pip install -q -r .venv/requirements.txt 2>&1 | grep -v 'is ignored' || true
+  .venv/bin/python -c 'import jax, ray, msgpack, yaml, numba, prometheus_client, hypothesis, pytest' || {
     echo "installation failed" >&2
     exit 1
   }
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 cmd=${1:-demo}
 shift || true

@@ -23,6 +23,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # the project runs from this checkout
 cd "$repo"
 python=${SPT_PYTHON:-$repo/.venv/bin/python}
 [ -x "$python" ] || python=python3

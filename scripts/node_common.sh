@@ -16,6 +16,9 @@ resources=${SPT_RESOURCES:-}
 token_file=${SPT_TOKEN_FILE:-${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}}
 python=${SPT_PYTHON:-}
 extra=()
+# The shard actors this node runs import the project from the checkout (as scripts/dev.sh
+# does); a node with the project pip-installed finds it either way.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
