@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--check-every", type=int, default=25)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--arrivals", type=float, default=1.5, help="mean new requests per step")
+    demo.add_argument("--arrivals", type=float, default=2.0, help="mean new requests per step")
     demo.add_argument("--max-prompt", type=int, default=1024, help="capped at max_model_len / 2")
     demo.add_argument("--max-output", type=int, default=128, help="capped at max_model_len / 2")
     demo.add_argument("--q-heads", type=int, default=2, help="attention query heads")

@@ -101,7 +101,8 @@ class LocalBackend:
                 raise RuntimeError("this table's shards build no step inputs")
             states = [s.step for s in self.shards]
             rows = first.devices[0].shape[0]
-            extra = (shard_step(first.epoch, states, self.sharding, self.num_shards, rows),)
+            view = shard_step(first.epoch, states, self.sharding, self.num_shards, rows, arrays)
+            extra = (view,)
         try:
             result = fn(arrays, *extra, *args)
         except Exception as exc:

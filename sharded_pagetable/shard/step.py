@@ -2,7 +2,9 @@
 
 The inputs are built on the shard's own devices (its sub-mesh of the row axis) from its
 committed device table and the per-row counts the epoch carries; nothing per token crosses
-the wire. The copy plan is every epoch's ``kv_copies`` composed until a model step takes it,
+the wire. They are built when first asked for (by the model step, or a snapshot), not in
+the commit: JAX would only queue the work there anyway, and the commit stays the cost of
+its row changes. The copy plan is every epoch's ``kv_copies`` composed until a model step takes it,
 so two commits without a step in between lose no copy and copy nothing twice. Within a plan
 every copy reads before any writes; where a later epoch writes a page an earlier epoch's
 copy still reads, the plans stay separate rounds, applied in order.
@@ -76,26 +78,36 @@ class StepState:
         self.row_axis = sharding.spec[0]
         self.mesh = shard_submesh(sharding.mesh, self.row_axis, num_shards, shard_id)
         self.lo = lo
-        self.inputs: StepInputs | None = None  # on self.mesh, for the last schedule
+        self.schedule: Schedule | None = None  # the last epoch's, if it had one
+        self._inputs: StepInputs | None = None  # built from it on self.mesh, once asked for
+        self._devices: Sequence[DeviceRows] = ()
         # per group, rounds of pending copies (destination -> source), applied in order
         self.copies: list[list[dict[int, int]]] = [[] for _ in config.page_sizes]
 
-    def saved(self) -> tuple[StepInputs | None, list[list[dict[int, int]]]]:
-        """What :meth:`restore` needs to step back over the next :meth:`advance`."""
-        return self.inputs, [[dict(r) for r in rounds] for rounds in self.copies]
+    @property
+    def inputs(self) -> StepInputs | None:
+        """The last epoch's step inputs on this shard's devices (None without a schedule)."""
+        if self._inputs is None and self.schedule is not None:
+            self._inputs = self._build(self.schedule, self._devices)
+        return self._inputs
 
-    def restore(self, saved: tuple[StepInputs | None, list[list[dict[int, int]]]]) -> None:
-        self.inputs = saved[0]
-        self.copies = [[dict(r) for r in rounds] for rounds in saved[1]]
+    def saved(self) -> tuple:
+        """What :meth:`restore` needs to step back over the next :meth:`advance`."""
+        rounds = [[dict(r) for r in g] for g in self.copies]
+        return self.schedule, self._inputs, rounds
+
+    def restore(self, saved: tuple) -> None:
+        self.schedule, self._inputs = saved[0], saved[1]
+        self.copies = [[dict(r) for r in g] for g in saved[2]]
 
     def reset(self) -> None:
-        self.inputs = None
+        self.schedule = self._inputs = None
         self.copies = [[] for _ in self.config.page_sizes]
 
     def advance(self, batch: ShardBatch, devices: Sequence[DeviceRows]) -> None:
-        """The epoch of ``batch`` was applied to ``devices``: build its step inputs (none
-        without a schedule) and add its copy plan."""
-        self.inputs = None if batch.schedule is None else self._build(batch.schedule, devices)
+        """The epoch of ``batch`` was applied to ``devices``: its schedule (if any) is the
+        step's, and its copy plan joins the pending ones."""
+        self.schedule, self._inputs, self._devices = batch.schedule, None, devices
         for rounds, plan in zip(self.copies, batch.kv_copies, strict=False):
             if not plan.size:
                 continue
@@ -111,13 +123,10 @@ class StepState:
             )
             for d in devices
         ]
-        counts = NamedSharding(self.mesh, P(self.row_axis))
-        sched = jax.device_put(np.array(schedule.sched, np.int32), counts)
-        done = jax.device_put(np.array(schedule.done, np.int32), counts)
         return build_step_inputs(
             tables,
-            sched,
-            done,
+            np.asarray(schedule.sched, np.int32),  # jit puts them on the devices
+            np.asarray(schedule.done, np.int32),
             mesh=self.mesh,
             row_axis=self.row_axis,
             page_sizes=self.config.page_sizes,
@@ -179,13 +188,39 @@ def shard_step(
     sharding: NamedSharding,
     num_shards: int,
     num_rows: int,
+    tables: Sequence[jax.Array] | None = None,
 ) -> ShardStep:
     """The :class:`ShardStep` of the shards ``states`` held by this process (all of them for
-    the local backend, one per Ray shard process), their parts glued into global arrays
-    over ``sharding``'s mesh without moving data."""
-    parts = [s.inputs for s in states]
-    inputs = None if any(p is None for p in parts) else _glue(parts, sharding, num_shards, num_rows)
+    the local backend, one per Ray shard process). With every shard here and the global
+    ``tables`` given, the inputs are built in one program over the whole mesh; otherwise
+    each shard's part is glued into global arrays over ``sharding``'s mesh without moving
+    data."""
+    if any(s.schedule is None for s in states):
+        inputs = None
+    elif tables is not None and len(states) == num_shards:
+        inputs = _build_all(states, tables, sharding, num_shards)
+    else:
+        inputs = _glue([s.inputs for s in states], sharding, num_shards, num_rows)
     return ShardStep(epoch, inputs, states[0].pending_copies(), list(states))
+
+
+def _build_all(
+    states: Sequence[StepState],
+    tables: Sequence[jax.Array],
+    sharding: NamedSharding,
+    num_shards: int,
+) -> StepInputs:
+    config = states[0].config
+    return build_step_inputs(
+        tables,
+        np.concatenate([s.schedule.sched for s in states]).astype(np.int32),
+        np.concatenate([s.schedule.done for s in states]).astype(np.int32),
+        mesh=sharding.mesh,
+        row_axis=sharding.spec[0],
+        page_sizes=config.page_sizes,
+        num_shards=num_shards,
+        tokens_per_shard=config.tokens_per_shard,
+    )
 
 
 def _glue(
