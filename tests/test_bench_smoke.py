@@ -63,3 +63,33 @@ def test_bench_serving_quick(tmp_path: Path) -> None:
     assert all(step[k]["p50_us"] > 0 for k in ("a", "c", "d", "c_sync", "d_sync"))
     assert [m["pages"] for m in doc["migration"]] == doc["meta"]["migrate_pages"]
     assert all(m["copy_correct"] for m in doc["migration"])
+
+
+def test_bench_scale_quick(tmp_path: Path) -> None:
+    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
+    out_json, out_png = tmp_path / "scale.json", tmp_path / "scale.png"
+    proc = subprocess.run(
+        [
+            str(python),
+            str(ROOT / "scripts" / "bench_scale.py"),
+            "--quick",
+            "--json",
+            str(out_json),
+            "--png",
+            str(out_png),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "target coordinator cost grows" in out and "target coordinator cost <=" in out
+    assert out.count(" -> PASS") + out.count(" -> MISS") == 2
+    assert "floor: loopback TCP echo" in out and "sum of the parts" in out
+    doc = json.loads(out_json.read_text())
+    assert {"meta", "shards", "sizes", "ray", "breakdown", "targets"} <= doc.keys()
+    assert [r["shards"] for r in doc["shards"]["rows"]] == [1, 2, 4, 8]
+    assert len(doc["sizes"]["rows"]) == 2 and doc["ray"] == []
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

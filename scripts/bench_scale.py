@@ -1,0 +1,726 @@
+"""How the coordinator's commit cost grows with shards and table size, and where a Ray commit's time goes.
+
+a. Shards: a real ``ShardedPageTable`` (4096 rows, page sizes 16/64, 32k context) with 1..64
+   shards whose endpoints live in this process and answer at once (``InstantShards``), so
+   only the coordinator's own work is timed: batching, splitting, ``wire.encode``, checksums,
+   publishing, reading acks. Every table gets the same decode-like steps (100 row-groups
+   appended per commit: 80 in group 0, 20 in group 1).
+b. Table size: 1024 x 512 up to 8192 x 8192 pages per row (one group, 4 shards), the same
+   100 cells changed per commit, same endpoints.
+c. The Ray backend with 1, 2, 4 and 8 shard processes (8 CPU devices split over them),
+   blocking commits of the steps of (a).
+d. One commit part by part (4 shards; in-process endpoints and Ray), the shards' own apply
+   time, and the floors: a loopback TCP echo of the commit's bytes between two Python
+   processes and a memcpy of the changed bytes.
+
+The tables of a section are alive together and take their steps in turn (rotating order),
+so machine noise falls on all of them alike. A PNG of (a)-(c) goes to ``--png``.
+
+    scripts/dev.sh bench bench_scale            # full run (a few minutes)
+    scripts/dev.sh bench bench_scale --quick    # smoke run: 1..8 shards, two sizes, no Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+
+# 64 CPU devices, not the usual 8: a 64-shard layout needs a row axis of 64 device blocks.
+# Only the in-process tables use them (their devices are released before timing starts);
+# the Ray shard processes set their own device counts (8 in total).
+jax.config.update("jax_num_cpu_devices", 64)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import sharded_pagetable as sp  # noqa: E402
+from sharded_pagetable.coordinator.epochs import expected_after, shard_messages  # noqa: E402
+from sharded_pagetable.shard import wire  # noqa: E402
+from sharded_pagetable.shard.messages import Ack, ShardBatch  # noqa: E402
+
+ROWS, MAX_LEN, PAGE_SIZES, BUDGET = 4096, 32768, (16, 64), 8192
+GROWS = (80, 20)  # row-groups appended per commit in each group (~1/page_size of 4096 rows)
+SIZE_SHARDS, SIZE_CELLS, SIZE_FILL = 4, 100, 64  # size sweep: shards, cells per commit, fill
+SLOPE_TARGET_US, SIZE_TARGET = 15.0, 1.3
+
+
+class InstantShards:
+    """Benchmark harness, not library API: ``num_shards`` shard endpoints in this process
+    that answer at once, plugged into a real table in place of its backend.
+
+    ``send`` encodes every batch with ``wire.encode`` as the Ray backend does before it
+    writes its frames, and applies nothing. ``collect`` returns the ``Ack`` a healthy shard
+    gives: the epoch sent and the checksum the coordinator computed for that shard (read from
+    the commit's receipt), so the coordinator's checks run, and pass by construction. It
+    measures the coordinator's cost per commit, never correctness. Only the calls a commit
+    makes are served.
+    """
+
+    def __init__(self, num_shards: int, generation: int) -> None:
+        self.num_shards = num_shards
+        self.generation = generation
+        self.frames: list[bytes] = []
+        self._receipt: sp.CommitReceipt | None = None
+
+    @classmethod
+    def plug(cls, table: sp.ShardedPageTable) -> InstantShards:
+        """Replace ``table``'s backend (its real shards are closed) with instant endpoints."""
+        table._backend.close()
+        endpoint = cls(table.num_shards, table.generation)
+        table._backend = endpoint
+        send_epoch = table._send_epoch
+
+        def tracked(backend, n, schedule):  # hands the endpoint what each shard must confirm
+            receipt = send_epoch(backend, n, schedule)
+            endpoint.expect(receipt)
+            return receipt
+
+        table._send_epoch = tracked
+        return endpoint
+
+    def expect(self, receipt: sp.CommitReceipt) -> None:
+        self._receipt = receipt
+
+    def send(self, batches: Sequence[ShardBatch]) -> None:
+        self.send_frames([wire.encode(b) for b in batches])
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.frames = frames
+
+    def collect(self) -> list[Ack]:
+        r, self._receipt = self._receipt, None
+        g = self.generation
+        return [Ack(s.shard, r.epoch, s.checksum, s.rows, True, g) for s in r.shards]
+
+    def rollback(self, shards, epoch, generation):
+        raise NotImplementedError("InstantShards never fails a commit, so never rolls back")
+
+    def close(self, clean: bool = True) -> None:
+        self.frames = []
+
+    detach = close
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+
+class Pages:
+    """Fresh page ids."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def take(self, n: int) -> list[int]:
+        self.next += n
+        return list(range(self.next - n, self.next))
+
+
+def decode_steps(seed: int, steps: int, rows: int, grows: Sequence[int]) -> list[tuple]:
+    """``steps`` decode-like steps: per step ``sum(grows)`` distinct rows, the first
+    ``grows[0]`` get one page in group 0, the next ``grows[1]`` one in group 1, ..."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        who = rng.choice(rows, size=sum(grows), replace=False).tolist()
+        group = np.repeat(np.arange(len(grows)), grows).tolist()
+        out.append((who, group))
+    return out
+
+
+def fill(table, rows: int, per_group: Sequence[Callable], pages: Pages, rng) -> None:
+    """Every row gets ``f(rng)`` pages in each group ``f`` of ``per_group``."""
+    for r in range(rows):
+        table.add_row([pages.take(f(rng)) for f in per_group], r)
+
+
+def step_ops(table, step: tuple, groups: int, pages: Pages) -> None:
+    who, group = step
+    per_req = [[pages.take(1) if gi == g else [] for gi in range(groups)] for g in group]
+    table.append_rows_batch(per_req, who)
+
+
+def instant_table(rows: int, max_len: int, page_sizes: Sequence[int], shards: int):
+    table = sp.ShardedPageTable(rows, max_len, BUDGET, page_sizes, num_shards=shards, warmup=False)
+    InstantShards.plug(table)
+    return table
+
+
+def stats(seconds: Sequence[float]) -> dict:
+    us = np.asarray(seconds) * 1e6
+    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99))}
+
+
+def interleaved(tables: list, steps: list, groups: int, rows: int, parts: bool = False):
+    """Time ``commit(rows)`` of every table on every step, the tables taking turns; with
+    ``parts`` (in-process endpoints only) every other step is timed part by part instead."""
+    pages = [Pages() for _ in tables]
+    times: list[list[float]] = [[] for _ in tables]
+    nbytes: list[list[int]] = [[] for _ in tables]
+    spans: list[dict] = [{k: [] for k, _ in PARTS} for _ in tables]
+    gc.collect()
+    gc.disable()
+    try:
+        for i, step in enumerate(steps):
+            for k in range(len(tables)):
+                j = (i + k) % len(tables)
+                table = tables[j]
+                step_ops(table, step, groups, pages[j])
+                if parts and i % 2:
+                    endpoint = table._backend
+                    got, _, _ = commit_by_parts(table, rows, endpoint.send_frames, endpoint)
+                    for key, s in got.items():
+                        spans[j][key].append(s)
+                    continue
+                t0 = time.perf_counter()
+                receipt = table.commit(rows)
+                times[j].append(time.perf_counter() - t0)
+                nbytes[j].append(receipt.bytes)
+    finally:
+        gc.enable()
+    out = []
+    for t, b, sp_ in zip(times, nbytes, spans, strict=True):
+        r = dict(stats(t), bytes=float(np.median(b)))
+        if parts:
+            r["parts"] = {k: stats(v) for k, v in sp_.items()}
+        out.append(r)
+    return out
+
+
+def prefill(tables: list, rows: int, per_group: Sequence[Callable], seed: int) -> None:
+    for table in tables:
+        fill(table, rows, per_group, Pages(), np.random.default_rng(seed))
+        table.commit(rows)
+
+
+def decode_fill() -> list[Callable]:
+    """Rows of 256..8192 tokens (as bench_sharded): pages per group."""
+    tokens = []
+
+    def g0(rng):
+        tokens.append(int(rng.integers(256, 8192)))
+        return sp.cdiv(tokens[-1], PAGE_SIZES[0])
+
+    def g1(rng):
+        return sp.cdiv(tokens[-1], PAGE_SIZES[1])
+
+    return [g0, g1]
+
+
+# -- a. shards, b. table size ------------------------------------------------------------
+
+
+def sweep_shards(counts: Sequence[int], steps: int) -> list[dict]:
+    tables = [instant_table(ROWS, MAX_LEN, PAGE_SIZES, n) for n in counts]
+    try:
+        prefill(tables, ROWS, decode_fill(), seed=1)
+        plan = decode_steps(2, 2 * steps, ROWS, GROWS)
+        res = interleaved(tables, plan, len(PAGE_SIZES), ROWS, parts=True)
+    finally:
+        for t in tables:
+            t.close()
+    return [dict(r, shards=n) for r, n in zip(res, counts, strict=True)]
+
+
+def sweep_sizes(sizes: Sequence[tuple[int, int]], steps: int) -> list[dict]:
+    out = []
+    tables = []
+    try:
+        for rows, width in sizes:
+            tables.append(instant_table(rows, width * 16, (16,), SIZE_SHARDS))
+        for table, (rows, _) in zip(tables, sizes, strict=True):
+            prefill([table], rows, [lambda rng: SIZE_FILL], seed=3)
+        # Every table takes the same rows (all below the smallest table's rows).
+        plan = decode_steps(4, steps, min(r for r, _ in sizes), (SIZE_CELLS,))
+        pages = [Pages() for _ in tables]
+        times: list[list[float]] = [[] for _ in tables]
+        gc.collect()
+        gc.disable()
+        try:
+            for i, step in enumerate(plan):
+                for k in range(len(tables)):
+                    j = (i + k) % len(tables)
+                    step_ops(tables[j], step, 1, pages[j])
+                    t0 = time.perf_counter()
+                    tables[j].commit(sizes[j][0])
+                    times[j].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
+        for (rows, width), t in zip(sizes, times, strict=True):
+            out.append(dict(stats(t), rows=rows, pages=width))
+    finally:
+        for t in tables:
+            t.close()
+    return out
+
+
+# -- c. Ray ------------------------------------------------------------------------------
+
+
+def ray_tables(counts: Sequence[int]) -> list:
+    tables = []
+    try:
+        for n in counts:
+            tables.append(
+                sp.ShardedPageTable(
+                    ROWS,
+                    MAX_LEN,
+                    BUDGET,
+                    PAGE_SIZES,
+                    num_shards=n,
+                    backend="ray",
+                    ray={"devices_per_shard": 8 // n, "timeout_s": 60},
+                )
+            )
+    except BaseException:
+        for t in reversed(tables):
+            t.close()
+        raise
+    return tables
+
+
+# -- d. one commit part by part ----------------------------------------------------------
+
+PARTS = (
+    ("batch", "coordinator: batch (host.batch per group)"),
+    ("split", "coordinator: split (shard_messages)"),
+    ("encode", "coordinator: encode (wire.encode per shard)"),
+    ("send", "coordinator: send (every frame on its way)"),
+    ("expected", "coordinator: terms_after + expected_after"),
+    ("publish", "coordinator: publish (host.publish per group)"),
+    ("receipt", "coordinator: receipt"),
+    ("collect", "coordinator: collect (wait for every ack)"),
+    ("confirm", "coordinator: confirm (check acks)"),
+)
+
+
+def commit_by_parts(table, n: int, deliver: Callable[[list[bytes]], None], endpoint=None):
+    """``table.commit(n)`` for a step without a schedule, as ``Commits._send_epoch`` and
+    ``_settle_in_flight`` make it, timing each call; returns ``(seconds per part, frames,
+    changed bytes)``."""
+    hosts, backend = table._hosts, table._backend
+    clock = time.perf_counter
+    c0 = clock()
+    batches = [h.batch(n) for h in hosts]
+    c1 = clock()
+    epoch = table.epoch + 1
+    plans = tuple(h.copy_plan() for h in hosts)
+    messages = shard_messages(
+        epoch, table.epoch, table.generation, batches, table.layout, None, plans
+    )
+    c2 = clock()
+    frames = [wire.encode(m) for m in messages]
+    c3 = clock()
+    deliver(frames)
+    c4 = clock()
+    terms = [h.terms_after(b) for h, b in zip(hosts, batches, strict=True)]
+    expected = expected_after(table._expected, batches, [d for _, d in terms], table.layout.bounds)
+    c5 = clock()
+    undo = [h.publish(b, t) for h, b, (t, _) in zip(hosts, batches, terms, strict=True)]
+    c6 = clock()
+    receipts = tuple(
+        sp.ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages)
+    )
+    receipt = sp.CommitReceipt(epoch, n, True, receipts, plans, confirmed=False)
+    c7 = clock()
+    if endpoint is not None:
+        endpoint.expect(receipt)
+    c7b = clock()
+    results = backend.collect()
+    c8 = clock()
+    try:
+        table._confirm(backend, results, expected, epoch)
+    except BaseException:
+        for host, u in zip(reversed(hosts), reversed(undo), strict=True):
+            host.unpublish(u)
+        raise
+    table._expected = expected
+    table.epoch = epoch
+    c9 = clock()
+    spans = (c1 - c0, c2 - c1, c3 - c2, c4 - c3, c5 - c4, c6 - c5, c7 - c6, c8 - c7b, c9 - c8)
+    return (
+        dict(zip((k for k, _ in PARTS), spans, strict=True)),
+        frames,
+        sum(b.nbytes for b in batches),
+    )
+
+
+ECHO_SERVER = r"""
+import socket, struct, sys
+def exact(c, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = c.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+srv.settimeout(30)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+conn.settimeout(30)
+while True:
+    head = exact(conn, 4)
+    if head is None:
+        break
+    body = exact(conn, struct.unpack("<I", head)[0])
+    if body is None:
+        break
+    conn.sendall(head + body)
+"""
+
+
+class Echo:
+    """A bare loopback TCP peer in another Python process: each frame comes back whole.
+    The server exits when the connection closes or idles 30 s."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            port = int(self.proc.stdout.readline())
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            self.close()
+            raise
+
+    def round_trip(self, data: bytes) -> float:
+        frame = struct.pack("<I", len(data)) + data
+        t0 = time.perf_counter()
+        self.sock.sendall(frame)
+        got = 0
+        while got < len(frame):
+            chunk = self.sock.recv(len(frame) - got)
+            if not chunk:
+                raise ConnectionError("echo server hung up")
+            got += len(chunk)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if getattr(self, "sock", None) is not None:
+            self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def memcpy_seconds(nbytes: int, reps: int = 20) -> float:
+    src = np.frombuffer(os.urandom(max(nbytes, 1)), np.uint8)
+    dst = np.empty_like(src)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        np.copyto(dst, src)
+    return (time.perf_counter() - t0) / reps
+
+
+def breakdown(subjects: dict, iters: int) -> dict:
+    """Per subject (name -> (table, deliver, endpoint)): even steps timed part by part, odd
+    steps as a whole ``commit``; the floors measured in the same loop."""
+    plan = decode_steps(5, 2 * iters, ROWS, GROWS)
+    names = list(subjects)
+    parts = {name: {k: [] for k, _ in PARTS} for name in names}
+    whole = {name: [] for name in names}
+    decode_s, echo_s, copy_s = [], [], []
+    nbytes = {"frames": [], "changed": []}
+    pages = {name: Pages() for name in names}
+    for name in names:
+        pages[name].next = 1 << 28  # far from the ids the table already holds
+    echo = Echo()
+    limits = wire.WireLimits(ROWS // 4, tuple(sp.cdiv(MAX_LEN, s) for s in PAGE_SIZES))
+    gc.collect()
+    gc.disable()
+    try:
+        for i, step in enumerate(plan):
+            for k in range(len(names)):
+                name = names[(i + k) % len(names)]
+                table, deliver, endpoint = subjects[name]
+                step_ops(table, step, len(PAGE_SIZES), pages[name])
+                if i % 2:
+                    t0 = time.perf_counter()
+                    table.commit(ROWS)
+                    whole[name].append(time.perf_counter() - t0)
+                    continue
+                spans, frames, changed = commit_by_parts(table, ROWS, deliver, endpoint)
+                for key, s in spans.items():
+                    parts[name][key].append(s)
+                if k == 0:
+                    blob = b"".join(frames)
+                    nbytes["frames"].append(len(blob))
+                    nbytes["changed"].append(changed)
+                    echo_s.append(echo.round_trip(blob))
+                    copy_s.append(memcpy_seconds(changed))
+                    t0 = time.perf_counter()
+                    for f in frames:
+                        wire.decode(f, limits)
+                    decode_s.append((time.perf_counter() - t0) / len(frames))
+    finally:
+        gc.enable()
+        echo.close()
+    out = {"subjects": {}, "floors": {}}
+    for name in names:
+        rows = {k: stats(v) for k, v in parts[name].items()}
+        total = np.sum([parts[name][k] for k, _ in PARTS], axis=0)
+        rows["sum"] = stats(total)
+        rows["whole"] = stats(whole[name])
+        out["subjects"][name] = rows
+    out["floors"] = {
+        "decode": stats(decode_s),
+        "echo": stats(echo_s),
+        "memcpy": stats(copy_s),
+        "frame_bytes": float(np.median(nbytes["frames"])),
+        "changed_bytes": float(np.median(nbytes["changed"])),
+    }
+    return out
+
+
+def shard_apply(table, commits: int) -> dict:
+    """The last ``commits`` applies in every shard process: per commit the slowest shard."""
+    import ray
+
+    per_actor = ray.get([a.apply_seconds.remote() for a in table._backend.actors])
+    k = min(commits, *(len(a) for a in per_actor))
+    slowest = np.max([a[-k:] for a in per_actor], axis=0)
+    return stats(slowest)
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def fmt(r: dict | None) -> str:
+    return "-" if r is None else f"{r['p50_us']:8.1f} / {r['p99_us']:8.1f}"
+
+
+def plot(path: str, shards: list, ray_res: list, sizes: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.plot(
+        [r["shards"] for r in shards], [r["p50_us"] for r in shards], "o-",
+        label="in-process endpoints (coordinator only)",
+    )  # fmt: skip
+    if ray_res:
+        ax1.plot(
+            [r["shards"] for r in ray_res], [r["p50_us"] for r in ray_res], "s-",
+            label="Ray backend, blocking (shard processes x 8/n devices)",
+        )  # fmt: skip
+    ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
+    ticks = sorted({r["shards"] for r in shards + ray_res})
+    ax1.set_xticks(ticks, [str(t) for t in ticks])
+    ax1.set_xlabel("shards")
+    ax1.set_ylabel("commit p50 (us)")
+    ax1.set_title(f"{ROWS} rows, {sum(GROWS)} row-groups appended per commit")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    cells = [r["rows"] * r["pages"] for r in sizes]
+    ax2.plot(cells, [r["p50_us"] for r in sizes], "o-", label="in-process endpoints")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(cells, [f"{r['rows']}x{r['pages']}" for r in sizes])
+    ax2.set_ylim(0, max(r["p50_us"] for r in sizes) * 1.4)
+    ax2.set_xlabel("table: rows x pages per row (log of cells)")
+    ax2.set_ylabel("commit p50 (us)")
+    ax2.set_title(f"one group, {SIZE_SHARDS} shards, {SIZE_CELLS} cells changed per commit")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=800, help="timed commits per table")
+    parser.add_argument("--quick", action="store_true", help="1..8 shards, two sizes, no Ray")
+    parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--png", default=os.path.join("out", "bench_scale.png"))
+    args = parser.parse_args()
+    quick = args.quick
+    steps = 60 if quick else args.steps
+    counts = (1, 2, 4, 8) if quick else (1, 2, 4, 8, 16, 32, 64)
+    sizes = [(1024, 512), (2048, 2048)]
+    if not quick:
+        sizes += [(4096, 4096), (8192, 8192)]
+    with_ray = not (quick or args.no_ray)
+    doc: dict = {"meta": {"rows": ROWS, "max_model_len": MAX_LEN, "page_sizes": PAGE_SIZES}}
+    targets = []
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start")
+
+    print(
+        f"a. coordinator cost per commit vs shards (in-process endpoints that answer at once): "
+        f"{ROWS} rows, page sizes {PAGE_SIZES}, max_model_len {MAX_LEN}, "
+        f"{sum(GROWS)} row-groups appended per commit, {steps} whole commits per table, "
+        "interleaved"
+    )
+    shards = sweep_shards(counts, steps)
+    print(f"{'shards':>6} {'p50 us':>9} {'p99 us':>9} {'bytes':>8} {'vs 1 shard':>11}")
+    for r in shards:
+        print(
+            f"{r['shards']:>6} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['bytes']:>8.0f} "
+            f"{r['p50_us'] / shards[0]['p50_us']:>10.2f}x"
+        )
+    x = np.array([r["shards"] for r in shards], float)
+    y = np.array([r["p50_us"] for r in shards])
+    fit = float(np.polyfit(x, y, 1)[0])
+    slope = float((y[-1] - y[0]) / (x[-1] - x[0]))
+    print(f"added cost per shard: {slope:.2f} us ({counts[0]} -> {counts[-1]} shards, p50), "
+          f"least-squares fit {fit:.2f} us")  # fmt: skip
+    print()
+    print(f"the same tables on the other {steps} steps, timed part by part (p50 us):")
+    print(f"{'part':<46}" + "".join(f"{n:>8}" for n in counts) + f"{'us/shard':>10}")
+    part_slopes = {}
+    for key, label in PARTS:
+        p50 = [r["parts"][key]["p50_us"] for r in shards]
+        part_slopes[key] = (p50[-1] - p50[0]) / (counts[-1] - counts[0])
+        cells = "".join(f"{v:>8.1f}" for v in p50)
+        print(f"{label:<46}{cells}{part_slopes[key]:>10.2f}")
+    ok = slope <= SLOPE_TARGET_US
+    targets.append(
+        f"target coordinator cost grows <= {SLOPE_TARGET_US:.0f} us per added shard "
+        f"({counts[0]}..{counts[-1]} shards): {slope:.2f} us -> {'PASS' if ok else 'MISS'}"
+    )
+    doc["shards"] = dict(
+        rows=shards, slope_us=slope, fit_slope_us=fit, part_slopes_us=part_slopes, passed=ok
+    )
+
+    print()
+    print(
+        f"b. coordinator cost per commit vs table size (one group, page size 16, "
+        f"{SIZE_SHARDS} shards, {SIZE_CELLS} cells appended per commit, rows filled with "
+        f"{SIZE_FILL} pages), interleaved"
+    )
+    size_res = sweep_sizes(sizes, steps)
+    print(f"{'rows x pages':>14} {'MiB':>6} {'p50 us':>9} {'p99 us':>9} {'vs smallest':>12}")
+    for r in size_res:
+        mib = r["rows"] * r["pages"] * 4 / 2**20
+        print(
+            f"{r['rows']:>6} x {r['pages']:<5} {mib:>6.0f} {r['p50_us']:>9.1f} "
+            f"{r['p99_us']:>9.1f} {r['p50_us'] / size_res[0]['p50_us']:>11.2f}x"
+        )
+    ratio = size_res[-1]["p50_us"] / size_res[0]["p50_us"]
+    ok = ratio <= SIZE_TARGET
+    first, last = size_res[0], size_res[-1]
+    targets.append(
+        f"target coordinator cost <= {SIZE_TARGET}x from {first['rows']}x{first['pages']} to "
+        f"{last['rows']}x{last['pages']} (same cells changed): {ratio:.2f}x -> "
+        f"{'PASS' if ok else 'MISS'}"
+    )
+    doc["sizes"] = dict(rows=size_res, ratio=ratio, passed=ok)
+
+    ray_res: list[dict] = []
+    subjects: dict = {}
+    tables: list = []
+    instant4 = instant_table(ROWS, MAX_LEN, PAGE_SIZES, 4)
+    subjects["in-process x4"] = (instant4, instant4._backend.send_frames, instant4._backend)
+    owns_ray = False
+    try:
+        if with_ray:
+            import ray
+
+            from ray_actors.cluster import start_local
+
+            ray_counts = (1, 2, 4, 8)
+            print()
+            print(
+                f"c. Ray backend, blocking commit: n shard processes x 8/n CPU devices, the "
+                f"steps of (a), {steps // 2} commits per table, interleaved"
+            )
+            try:
+                if not ray.is_initialized():
+                    start_local("sharded_pagetable")
+                    owns_ray = True
+                t0 = time.perf_counter()
+                tables = ray_tables(ray_counts)
+                print(f"(started {len(tables)} tables, {sum(ray_counts)} shard processes in "
+                      f"{time.perf_counter() - t0:.1f} s)")  # fmt: skip
+                prefill(tables, ROWS, decode_fill(), seed=1)
+                plan = decode_steps(2, steps // 2, ROWS, GROWS)  # Ray start-up takes most
+                res = interleaved(tables, plan, len(PAGE_SIZES), ROWS)
+                ray_res = [dict(r, shards=n) for r, n in zip(res, ray_counts, strict=True)]
+                print(f"{'processes':>9} {'devices':>7} {'p50 us':>9} {'p99 us':>9} {'bytes':>8}")
+                for r in ray_res:
+                    print(
+                        f"{r['shards']:>9} {8 // r['shards']:>7} {r['p50_us']:>9.1f} "
+                        f"{r['p99_us']:>9.1f} {r['bytes']:>8.0f}"
+                    )
+                ray4 = tables[ray_counts.index(4)]
+                subjects["ray 4 proc x 2 dev"] = (ray4, ray4._backend._delivery.send, None)
+            except Exception as exc:  # the rest of the report still stands
+                print(f"Ray part failed: {type(exc).__name__}: {exc}")
+        doc["ray"] = ray_res
+
+        iters = 30 if quick else 300
+        print()
+        print(
+            f"d. one commit part by part, 4 shards, {iters} commits timed by parts and "
+            f"{iters} whole (alternating, interleaved); p50 / p99 us"
+        )
+        prefill([instant4], ROWS, decode_fill(), seed=1)
+        parts = breakdown(subjects, iters)
+        if "ray 4 proc x 2 dev" in subjects:
+            parts["shard_apply"] = shard_apply(subjects["ray 4 proc x 2 dev"][0], 2 * iters)
+        doc["breakdown"] = parts
+    finally:
+        instant4.close()
+        for t in reversed(tables):
+            t.close()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+
+    names = list(parts["subjects"])
+    head = "".join(f"{n:>22}" for n in names)
+    print(f"{'part':<50}{head}")
+    rows = [(label, key) for key, label in PARTS]
+    rows += [("sum of the parts", "sum"), ("whole commit (t.commit, other steps)", "whole")]
+    for label, key in rows:
+        cells = "".join(f"{fmt(parts['subjects'][n][key]):>22}" for n in names)
+        print(f"{label:<50}{cells}")
+    fl = parts["floors"]
+    print()
+    print(f"{'shard side and floors (same loop)':<50}{'p50 / p99 us':>22}")
+    extra = [
+        ("shard: apply in its process (slowest of 4, Ray)", parts.get("shard_apply")),
+        ("shard: wire.decode of its frame (timed here)", fl["decode"]),
+        (f"floor: loopback TCP echo of {fl['frame_bytes']:.0f} B", fl["echo"]),
+        (f"floor: memcpy of the {fl['changed_bytes']:.0f} changed B", fl["memcpy"]),
+    ]
+    for label, r in extra:
+        print(f"{label:<50}{fmt(r):>22}")
+
+    plot(args.png, shards, ray_res, size_res)
+    print()
+    print(f"plot: {args.png}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for line in targets:
+        print(line)
+    doc["targets"] = targets
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
