@@ -123,10 +123,12 @@ class StepState:
             )
             for d in devices
         ]
+        # Explicit puts: in a multi-process job jit takes no numpy for a sharded argument.
+        counts = NamedSharding(self.mesh, P(self.row_axis))
         return build_step_inputs(
             tables,
-            np.asarray(schedule.sched, np.int32),  # jit puts them on the devices
-            np.asarray(schedule.done, np.int32),
+            jax.device_put(np.array(schedule.sched, np.int32), counts),
+            jax.device_put(np.array(schedule.done, np.int32), counts),
             mesh=self.mesh,
             row_axis=self.row_axis,
             page_sizes=self.config.page_sizes,
