@@ -28,6 +28,7 @@ from .validation import check_index, page_id_array
 PageIds = Sequence[int] | np.ndarray
 _NO_COPIES = np.zeros((2, 0), np.int32)
 _NO_COPIES.flags.writeable = False
+_NO_ROWS = GroupBatch.empty()
 CLEAN, APPENDED, REWRITTEN = 0, 1, 2
 
 
@@ -204,6 +205,8 @@ class HostRows:
         global rows: an APPEND of the new pages where only pages were added, else a SET (or
         CLEAR) of the whole row."""
         rows = np.flatnonzero(self.state[:num_reqs]).astype(np.int32)
+        if not rows.size:
+            return _NO_ROWS  # the idle commit: nothing more to look at
         counts = self.counts[rows]
         starts = np.where(self.state[rows] == REWRITTEN, 0, self.published[rows]).astype(np.int32)
         op = np.where(starts > 0, OP_APPEND, np.where(counts == 0, OP_CLEAR, OP_SET))
@@ -265,7 +268,12 @@ class HostRows:
                         undo.saved[row] = page
         return undo
 
-    settle = publish  # a commit that cannot fail (single-process) just publishes
+    def settle(self, batch: GroupBatch) -> None:
+        """:meth:`publish` for a commit that cannot fail (single-process): no undo kept."""
+        rows = batch.row
+        self._copies.clear()
+        self.published[rows] = batch.count
+        self.state[rows] = CLEAN
 
     def unpublish(self, undo: Unpublish) -> None:
         """Step back over a failed :meth:`publish`, keeping every change made since: a row

@@ -101,7 +101,9 @@ class PageTable(HostView):
         Device rows at or past ``num_reqs`` keep what they last held; their pending changes
         go out with a later commit that covers them.
         """
-        n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
+        return self._commit(check_count(num_reqs, self.max_num_reqs, "num_reqs"))
+
+    def _commit(self, n: int) -> int:
         host = self._host
         batch = host.batch(n)
         if batch.size:
@@ -177,7 +179,10 @@ class MultiGroupPageTable(MultiGroupRowOps):
     def commit(self, num_reqs: int) -> int:
         """Publish rows ``[0, num_reqs)`` of every group; returns rows uploaded in total."""
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
-        return sum(t.commit(n) for t in self.page_tables)
+        uploaded = 0
+        for table in self.page_tables:
+            uploaded += table._commit(n)
+        return uploaded
 
     def clear(self) -> None:
         for t in self.page_tables:

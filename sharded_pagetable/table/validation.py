@@ -85,6 +85,8 @@ def check_index(value: object, size: int, what: str = "row") -> int:
 def check_count(value: object, upper: int, what: str) -> int:
     """Return ``value`` as an int in ``[0, upper]`` or raise ``ValueError`` (the same types
     as :func:`check_index`)."""
+    if type(value) is int and 0 <= value <= upper:  # the hot path: every commit asks
+        return value
     if _not_an_int(value):
         raise ValueError(
             f"{what} must be an integer, got {describe(value)} ({type(value).__name__})"
