@@ -14,6 +14,35 @@ from test_config import alias_bomb
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "configs/local.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A small in-process table with KV-local pools, so a served demo runs in seconds.
+TINY = """\
+max_num_reqs: 32
+max_model_len: 256
+max_num_batched_tokens: 64
+page_sizes: [16, 32]
+num_shards: 4
+pages_per_shard: 64
+backend: local
+row_axis: data
+mesh: {data: 8}
+"""
+TINY_ARGS = ("--max-prompt", "48", "--max-output", "40", "--arrivals", "1.5")
+
+
+def tiny_config(tmp_path: Path, pools: bool = True) -> str:
+    path = tmp_path / "tiny.yaml"
+    text = TINY if pools else TINY.replace("pages_per_shard: 64\n", "")
+    path.write_text(text)
+    return str(path)
+
+
+LOCAL_LINES = len((REPO / LOCAL).read_text().splitlines())
+
+
+def line_of(prefix: str) -> int:
+    """The line of configs/local.yaml that starts with ``prefix``."""
+    lines = (REPO / LOCAL).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if line.startswith(prefix))
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -43,15 +72,15 @@ def test_info_prints_one_line_per_shard():
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "backend     local" in out
-    assert re.search(r"rows\s+1024 = 8 blocks x 128 rows; 256 rows per shard", out), out
-    assert "page sizes [16, 64] -> pages per row [2048, 512]" in out
+    assert re.search(r"rows\s+256 = 8 blocks x 32 rows; 64 rows per shard", out), out
+    assert "page sizes [16, 64] -> pages per row [128, 32]" in out
     shard_lines = re.findall(
         r"^\s*(\d+)\s+\[\s*(\d+),\s*(\d+)\)\s+\[\s*(\d+),\s*(\d+)\)\s+(.*)$", out, re.M
     )
     assert len(shard_lines) == 4, out
     for s, (shard, lo, hi, blo, bhi, where) in enumerate(shard_lines):
         assert int(shard) == s
-        assert (int(lo), int(hi)) == (256 * s, 256 * (s + 1))
+        assert (int(lo), int(hi)) == (64 * s, 64 * (s + 1))
         assert (int(blo), int(bhi)) == (2 * s, 2 * s + 2)
         assert where == f"process 0: devices {2 * s}..{2 * s + 1}"
 
@@ -61,7 +90,8 @@ def test_demo_runs_checks_and_plots(tmp_path):
     res = run(
         "demo",
         "--config",
-        LOCAL,
+        tiny_config(tmp_path),
+        *TINY_ARGS,
         "--steps",
         "30",
         "--check-every",
@@ -86,6 +116,18 @@ def test_demo_runs_checks_and_plots(tmp_path):
     per_commit = re.fullmatch(r"mean (\d+), max (\d+)", rows["bytes per commit"])
     assert per_commit, rows["bytes per commit"]
     assert 0 < int(per_commit.group(1)) <= int(per_commit.group(2))
+    # The model step: every scheduled token of the 3 checked steps against dense attention.
+    assert rows["step inputs"] == "built in the shards by commit"
+    assert re.fullmatch(r"(\d+) / (\d+) us", rows["serving step p50 / p99"])
+    assert int(rows["attention rows checked"]) > 0
+    assert int(rows["attention tokens checked"]) >= int(rows["attention rows checked"])
+    err = re.fullmatch(r"(\S+) \(limit 1e-4\)", rows["attention max error"])
+    assert err and float(err.group(1)) < 1e-4, rows["attention max error"]
+    migrations = re.fullmatch(r"(\d+) \((\d+) KV pages\)", rows["migrations"])
+    assert migrations, rows["migrations"]
+    moved = re.fullmatch(r"(\S+) MiB \(per group (\S+) MiB, (\S+) MiB\)", rows["KV bytes moved"])
+    assert moved, rows["KV bytes moved"]
+    assert (int(migrations.group(2)) > 0) == (float(moved.group(1)) > 0)
     # 30 steps checked every 10 steps: 3 periodic checks plus the final snapshot check.
     assert rows["checks"] == "4 (all passed)"
     assert "all checks passed" in out
@@ -99,6 +141,17 @@ def test_demo_runs_checks_and_plots(tmp_path):
     assert width > 100 and height > 100
     assert data[-8:-4] == b"IEND"  # the last chunk: length, "IEND", CRC
     assert len(data) > 10_000
+
+
+def test_demo_without_pools_commits_only(tmp_path):
+    res = run("demo", "--config", tiny_config(tmp_path, pools=False), *TINY_ARGS,
+              "--steps", "20", "--check-every", "10", "--quiet", "--no-plot")  # fmt: skip
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert "no pages_per_shard in the config: commits only" in res.stdout
+    rows = summary_rows(res.stdout)
+    assert int(rows["tokens scheduled"]) > 0
+    assert "attention tokens checked" not in rows and "serving step p50 / p99" not in rows
+    assert rows["checks"] == "3 (all passed)"
 
 
 @pytest.mark.parametrize("command", ["info", "demo"])
@@ -121,13 +174,22 @@ def test_bad_config_key_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize(
     ("body", "says"),
     [
-        (lambda local: local + "ray:\n\ttimeout_s: 5\n", ", line 11: YAML syntax error"),
+        (
+            lambda local: local + "ray:\n\ttimeout_s: 5\n",
+            f", line {LOCAL_LINES + 2}: YAML syntax error",
+        ),
         (lambda local: alias_bomb(), ", line 1: a: YAML anchors and aliases are not allowed"),
-        (lambda local: local + "num_shards: 2\n", "duplicate key num_shards (first at line 6)"),
+        (
+            lambda local: local + "num_shards: 2\n",
+            f"duplicate key num_shards (first at line {line_of('num_shards:')})",
+        ),
         (lambda local: local.replace("{data: 8}", "{data: 1000000}"), "mesh.data must be"),
         (lambda local: local + "ray: {timeout_s: .nan}\n", "ray.timeout_s must be"),
-        (lambda local: local.replace(": 1024", ": 1020"), "max_num_reqs=1020 does not divide"),
-        (lambda local: local.encode() + b"row_axis: \xff\n", ", line 10: not UTF-8 text"),
+        (lambda local: local.replace(": 256\n", ": 252\n"), "max_num_reqs=252 does not divide"),
+        (
+            lambda local: local.encode() + b"row_axis: \xff\n",
+            f", line {LOCAL_LINES + 1}: not UTF-8 text",
+        ),
     ],
     ids=["syntax", "alias-bomb", "duplicate-key", "out-of-range", "nan", "rows", "not-utf8"],
 )

@@ -1,0 +1,242 @@
+"""The demo's scheduler loop: row ops, one commit, and (with page pools) one model step.
+
+With ``pages_per_shard`` in the config every step is served: the commit carries the
+schedule (each shard builds its step inputs on its own devices as part of it), then
+:func:`~sharded_pagetable.serving.runner.serve_step` runs in every shard process (KV
+copies of migrated rows, K/V writes, paged attention), and every ``check_every`` steps each
+scheduled token's output is compared with dense attention recomputed on the driver. Without
+pools the table is only committed (the workload of one shared pool has no KV-local pages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TOLERANCE = 1e-4  # float32 paged vs dense attention; the serving tests use the same bound
+
+
+@dataclass
+class DemoStats:
+    """What the run measured, one entry per step where it is a list."""
+
+    commit_us: list[float] = field(default_factory=list)  # commit, with the schedule if served
+    serve_us: list[float] = field(default_factory=list)  # run_on_shards(serve_step)
+    dirty: list[int] = field(default_factory=list)  # row updates sent
+    sent: list[int] = field(default_factory=list)  # bytes sent
+    live: list[int] = field(default_factory=list)  # num_reqs
+    tokens: list[int] = field(default_factory=list)  # tokens scheduled
+    cross: int = 0  # move_row/swap_row ops whose rows lie in different shards
+    checks: int = 0
+    rows_checked: int = 0
+    tokens_checked: int = 0
+    max_error: float | None = None
+    pages_moved: list[int] = field(default_factory=list)  # per group, from the receipts
+    problems: list[str] = field(default_factory=list)
+
+
+def _drop_kv(arrays, name: str) -> None:
+    """``run_on_shards`` body: free this process's KV caches of the demo."""
+    from ..serving.runner import drop_cache
+
+    drop_cache(name)
+
+
+def live_rows(workload) -> dict[int, tuple[int, list[list[int]]]]:
+    """Global row -> (request id, global page ids per group) of every live request."""
+    shards = getattr(workload, "shards", None)
+    if shards is None:
+        return {row: (req.rid, req.pages) for row, req in enumerate(workload.rows)}
+    rps, pps = workload.rows_per_shard, workload.pages_per_shard
+    return {
+        s * rps + i: (req.rid, [[p + s * pps for p in ids] for ids in req.pages])
+        for s, wl in enumerate(shards)
+        for i, req in enumerate(wl.rows)
+    }
+
+
+def check_mirror(table, workload, num_reqs: int) -> list[str]:
+    """The mirror holds exactly the pages the workload gave each live row, rows below
+    ``num_reqs`` without a request hold none, and no page is held twice."""
+    problems = []
+    rows = live_rows(workload)
+    held = workload.live_pages()
+    for g in range(len(table)):
+        host = table[g]
+        for row in range(num_reqs):
+            n = int(host.num_pages_per_row[row])
+            if row not in rows:
+                if n:
+                    problems.append(f"group {g}: row {row} holds {n} pages but no request")
+                    break
+                continue
+            rid, pages = rows[row]
+            if host.get_cpu_tensor()[row, :n].tolist() != pages[g]:
+                problems.append(f"group {g}: row {row} does not hold request {rid}'s pages")
+                break
+        if len(held[g]) != len(set(held[g])):
+            problems.append(f"group {g}: a page id is held by two live rows")
+    return problems
+
+
+def check_devices(table, num_reqs: int) -> list[str]:
+    """Compare every shard process's view of the device arrays with the mirror."""
+    from .checks import host_row_digests, row_digests
+
+    problems = []
+    per_shard = table.run_on_shards(row_digests)
+    for g in range(len(table)):
+        want = host_row_digests(table[g].get_cpu_tensor()[:num_reqs])
+        for s, digests in enumerate(per_shard):
+            bad = np.flatnonzero(digests[g][:num_reqs] != want)
+            if bad.size:
+                problems.append(f"group {g}: shard process {s} sees rows {bad[:5].tolist()} differ")
+    return problems
+
+
+def _cross_shard_ops(ops, rows_per_shard: int) -> int:
+    return sum(
+        1
+        for name, a in ops
+        if name in ("move_row", "swap_row") and a[0] // rows_per_shard != a[1] // rows_per_shard
+    )
+
+
+class _Server:
+    """The model step of a table with page pools: commit with the schedule, serve, check."""
+
+    def __init__(self, table, workload, attention, check_every: int) -> None:
+        self.table = table
+        self.workload = workload
+        self.cfg = attention
+        self.check_every = check_every
+
+    def step(self, step, stats: DemoStats, check: bool) -> None:
+        from ..serving.runner import max_error, serve_step
+
+        t = time.perf_counter()
+        receipt = self.table.commit(
+            step.num_reqs, num_scheduled_tokens=step.scheduled, num_computed_tokens=step.computed
+        )
+        stats.commit_us.append((time.perf_counter() - t) * 1e6)
+        stats.dirty.append(receipt.rows)
+        stats.sent.append(receipt.bytes)
+        for g, copies in enumerate(receipt.kv_copies):
+            stats.pages_moved[g] += int(copies.shape[1])
+        uids = np.full(self.table.layout.max_num_reqs, -1, np.int32)  # i32[max_num_reqs]
+        uids[: step.num_reqs] = step.row_uids
+        t = time.perf_counter()
+        results = self.table.run_on_shards(serve_step, self.cfg, uids, step=True)
+        stats.serve_us.append((time.perf_counter() - t) * 1e6)
+        if not check:
+            return
+        n, err = max_error(self.cfg, results, uids)
+        stats.tokens_checked += n
+        stats.rows_checked += int(np.count_nonzero(step.scheduled))
+        stats.max_error = max(err, stats.max_error or 0.0)
+        if n != int(step.scheduled.sum()):
+            stats.problems.append(f"{n} tokens came back, {int(step.scheduled.sum())} scheduled")
+        if not err <= TOLERANCE:  # also catches NaN
+            stats.problems.append(f"attention differs from dense by {err:.3g} > {TOLERANCE}")
+
+
+def make_workload(args, config):
+    """The serving workload of ``config``: sharded over KV-local pools if it has them."""
+    from ..serving.sharded_workload import ShardedServingWorkload
+    from ..serving.workload import ServingWorkload, WorkloadConfig
+
+    max_len = config.max_model_len
+    wl_config = WorkloadConfig(
+        seed=args.seed,
+        arrivals_per_step=args.arrivals,
+        prompt_len=(min(16, max_len // 4), max(16, min(args.max_prompt, max_len // 2))),
+        output_len=(min(8, max_len // 4), max(8, min(args.max_output, max_len // 2))),
+        token_budget=config.max_num_batched_tokens,
+    )
+    shape = (config.max_num_reqs, max_len, config.page_sizes)
+    if config.pages_per_shard is None:
+        return ServingWorkload(wl_config, *shape)
+    return ShardedServingWorkload(
+        wl_config, *shape, config.num_shards, config.pages_per_shard, migrate=True
+    )
+
+
+def run(args, config, table) -> tuple[object, DemoStats]:
+    """Drive ``table`` for ``args.steps`` steps; returns the workload and what was measured."""
+    from tqdm import tqdm
+
+    from ..serving.runner import AttentionConfig
+    from ..serving.workload import apply_ops
+
+    workload = make_workload(args, config)
+    stats = DemoStats(pages_moved=[0] * len(config.page_sizes))
+    server = None
+    if config.pages_per_shard is not None:
+        attention = AttentionConfig(
+            f"demo-{id(table)}",
+            tuple(config.page_sizes),
+            config.num_shards,
+            config.pages_per_shard,
+            q_heads=args.q_heads,
+            kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            seed=args.seed,
+            row_axis=config.row_axis,
+        )
+        server = _Server(table, workload, attention, args.check_every)
+    rps = table.layout.rows_per_shard
+    try:
+        for step_no in tqdm(range(args.steps), desc="steps", unit="step", disable=args.quiet):
+            step = workload.step()
+            apply_ops(table, step.ops)
+            stats.cross += _cross_shard_ops(step.ops, rps)
+            stats.live.append(step.num_reqs)
+            stats.tokens.append(int(step.token_rows.size))
+            check = (step_no + 1) % args.check_every == 0 or step_no + 1 == args.steps
+            if server is not None:
+                server.step(step, stats, check)
+            else:
+                t = time.perf_counter()
+                receipt = table.commit(step.num_reqs)
+                stats.commit_us.append((time.perf_counter() - t) * 1e6)
+                stats.dirty.append(receipt.rows)
+                stats.sent.append(receipt.bytes)
+            if check:
+                stats.checks += 1
+                stats.problems += check_mirror(table, workload, step.num_reqs)
+                stats.problems += check_devices(table, step.num_reqs)
+                if stats.problems:
+                    break
+        if server is not None and sum(stats.pages_moved) != workload.kv_pages_moved:
+            stats.problems.append(
+                f"receipts carried {sum(stats.pages_moved)} KV page copies, the workload "
+                f"migrated {workload.kv_pages_moved} pages"
+            )
+        # Publish everything and compare whole snapshots with the mirror.
+        table.commit(config.max_num_reqs)
+        for g in range(len(table)):
+            if not np.array_equal(table.device_snapshot(g), table[g].get_cpu_tensor()):
+                stats.problems.append(f"group {g}: final device snapshot differs from the mirror")
+        stats.checks += 1
+    finally:
+        if server is not None:
+            table.run_on_shards(_drop_kv, server.cfg.name)
+    return workload, stats
+
+
+def kv_bytes(stats: DemoStats, config, args) -> list[int]:
+    """Per group, bytes of KV the migrations copied: pages x page_size x K and V x kv_heads
+    x head_dim x 4 (float32)."""
+    per_token = 2 * args.kv_heads * args.head_dim * 4
+    return [
+        n * size * per_token for n, size in zip(stats.pages_moved, config.page_sizes, strict=True)
+    ]
+
+
+def with_address(config, address: str | None):
+    if not address:
+        return config
+    return dataclasses.replace(config, ray=dataclasses.replace(config.ray, address=address))
