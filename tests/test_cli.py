@@ -117,7 +117,7 @@ def test_demo_runs_checks_and_plots(tmp_path):
     assert per_commit, rows["bytes per commit"]
     assert 0 < int(per_commit.group(1)) <= int(per_commit.group(2))
     # The model step: every scheduled token of the 3 checked steps against dense attention.
-    assert rows["step inputs"] == "built in the shards by commit"
+    assert rows["step inputs"] == "built in the shards, in the serving step"
     assert re.fullmatch(r"(\d+) / (\d+) us", rows["serving step p50 / p99"])
     assert int(rows["attention rows checked"]) > 0
     assert int(rows["attention tokens checked"]) >= int(rows["attention rows checked"])

@@ -1,9 +1,9 @@
 """The demo's scheduler loop: row ops, one commit, and (with page pools) one model step.
 
 With ``pages_per_shard`` in the config every step is served: the commit carries the
-schedule (each shard builds its step inputs on its own devices as part of it), then
-:func:`~sharded_pagetable.serving.runner.serve_step` runs in every shard process (KV
-copies of migrated rows, K/V writes, paged attention), and every ``check_every`` steps each
+schedule (per-row counts), then :func:`~sharded_pagetable.serving.runner.serve_step` runs in
+every shard process (each shard builds its step inputs on its own devices when the step
+asks for them, then KV copies of migrated rows, K/V writes, paged attention), and every ``check_every`` steps each
 scheduled token's output is compared with dense attention recomputed on the driver. Without
 pools the table is only committed (the workload of one shared pool has no KV-local pages).
 """
@@ -24,7 +24,7 @@ class DemoStats:
     """What the run measured, one entry per step where it is a list."""
 
     commit_us: list[float] = field(default_factory=list)  # commit, with the schedule if served
-    serve_us: list[float] = field(default_factory=list)  # run_on_shards(serve_step)
+    serve_us: list[float] = field(default_factory=list)  # run_on_shards(serve_step), inputs built
     dirty: list[int] = field(default_factory=list)  # row updates sent
     sent: list[int] = field(default_factory=list)  # bytes sent
     live: list[int] = field(default_factory=list)  # num_reqs
