@@ -30,9 +30,10 @@ BASE = {
 
 def test_local_yaml_parses() -> None:
     cfg = TableConfig.from_yaml(str(LOCAL))
-    assert cfg.max_num_reqs == 1024
-    assert cfg.max_model_len == 32768
-    assert cfg.max_num_batched_tokens == 8192
+    assert cfg.max_num_reqs == 256
+    assert cfg.max_model_len == 2048
+    assert cfg.max_num_batched_tokens == 512
+    assert cfg.pages_per_shard == 512
     assert cfg.page_sizes == (16, 64)
     assert cfg.num_shards == 4
     assert cfg.backend == "local"
@@ -474,7 +475,9 @@ def _exercise(t: sp.ShardedPageTable) -> None:
 
 
 def test_from_config_local_with_overrides_builds_and_closes() -> None:
-    t = sp.ShardedPageTable.from_config(str(LOCAL), max_num_reqs=64, max_model_len=256)
+    t = sp.ShardedPageTable.from_config(
+        str(LOCAL), max_num_reqs=64, max_model_len=256, pages_per_shard=None
+    )
     try:
         assert t.num_shards == 4
         assert t.layout.num_blocks == 8
