@@ -11,23 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 
-def test_bench_page_table_quick(tmp_path: Path) -> None:
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``scripts/NAME.py --quick ARGS`` in the project's environment; must exit 0."""
     python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
-    out_json = tmp_path / "bench.json"
     proc = subprocess.run(
-        [
-            str(python),
-            str(ROOT / "scripts" / "bench_page_table.py"),
-            "--quick",
-            "--json",
-            str(out_json),
-        ],
+        [str(python), str(ROOT / "scripts" / f"{name}.py"), "--quick", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_bench_page_table_quick(tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    proc = run_script("bench_page_table", "--json", str(out_json))
     assert "c. targets" in proc.stdout
     assert "targets: " in proc.stdout and " PASS" in proc.stdout
     doc = json.loads(out_json.read_text())
@@ -37,22 +37,8 @@ def test_bench_page_table_quick(tmp_path: Path) -> None:
 
 
 def test_bench_serving_quick(tmp_path: Path) -> None:
-    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
     out_json = tmp_path / "serving.json"
-    proc = subprocess.run(
-        [
-            str(python),
-            str(ROOT / "scripts" / "bench_serving.py"),
-            "--quick",
-            "--json",
-            str(out_json),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_script("bench_serving", "--json", str(out_json))
     assert "target commit with schedule <= 1.3x" in proc.stdout
     assert "noisy" in proc.stdout
     doc = json.loads(out_json.read_text())
@@ -66,24 +52,8 @@ def test_bench_serving_quick(tmp_path: Path) -> None:
 
 
 def test_bench_scale_quick(tmp_path: Path) -> None:
-    python = VENV_PYTHON if VENV_PYTHON.exists() else Path(sys.executable)
     out_json, out_png = tmp_path / "scale.json", tmp_path / "scale.png"
-    proc = subprocess.run(
-        [
-            str(python),
-            str(ROOT / "scripts" / "bench_scale.py"),
-            "--quick",
-            "--json",
-            str(out_json),
-            "--png",
-            str(out_png),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_script("bench_scale", "--json", str(out_json), "--png", str(out_png))
     out = proc.stdout
     assert "target coordinator cost grows" in out and "target coordinator cost <=" in out
     assert out.count(" -> PASS") + out.count(" -> MISS") == 2
