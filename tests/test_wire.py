@@ -628,7 +628,7 @@ def state(shard: Shard) -> ShardState:
     return ShardState(
         shard.epoch,
         shard.checksum,
-        shard._digest,
+        shard._applied,
         [t.copy() for t in shard.tables],
         [c.copy() for c in shard.counts],
         [i.copy() for i in shard.inner],

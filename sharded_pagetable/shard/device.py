@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from . import kernels
+
 _MIN_BUCKET = 8
 _BUCKET_GROWTH = 2
 # Upload a whole block instead of scattering once 1/_WHOLE_BLOCK_FRACTION of it changed.
@@ -199,10 +201,7 @@ class DeviceRows:
         for a in range(0, rows.size, CELL_BUCKETS[-1]):
             n = min(CELL_BUCKETS[-1], rows.size - a)
             rcv = np.zeros((3, cell_bucket(n)), dtype=np.int32)
-            local = rows[a : a + n] - self.lo
-            rcv[0, :n] = local - (start - self.lo)
-            rcv[1, :n] = cols[a : a + n]
-            rcv[2, :n] = source[local, cols[a : a + n]]
+            kernels.pack_cells(rcv, (rows, cols), source, self.lo, start, (a, a + n))
             k = np.int32(n)
             for device in self._replicas[start]:
                 self._buffers[device] = _put_cells(self._buffers[device], rcv, k)
@@ -277,12 +276,7 @@ def update_groups(
         rcv = np.zeros((len(groups), 3, cell_bucket(max(sizes))), dtype=np.int32)
         for g, u in enumerate(updates):
             if sizes[g]:
-                ci, cj = spans[g]
-                dev = groups[g]
-                local = u[3][0][ci:cj] - dev.lo
-                rcv[g, 0, : cj - ci] = local - (start - dev.lo)
-                rcv[g, 1, : cj - ci] = u[3][1][ci:cj]
-                rcv[g, 2, : cj - ci] = u[1][local, u[3][1][ci:cj]]
+                kernels.pack_cells(rcv[g], u[3], u[1], groups[g].lo, start, spans[g])
         ks = np.array(sizes, dtype=np.int32)
         for device in first._replicas[start]:
             bufs = tuple(dev._buffers[device] for dev in groups)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..constants import MAX_PAGE_ID, OP_APPEND, OP_CLEAR, OP_SET, PAGE_TABLE_PADDING_VAL
+from ..constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL
 from ..errors import PageTableFullError
 from ..shard import kernels
 from ..shard.checksum import GroupConsts, segment_index
@@ -204,14 +204,10 @@ class HostRows:
         """Rows below ``num_reqs`` changed since they were published, as one batch over
         global rows: an APPEND of the new pages where only pages were added, else a SET (or
         CLEAR) of the whole row."""
-        rows = np.flatnonzero(self.state[:num_reqs]).astype(np.int32)
-        if not rows.size:
-            return _NO_ROWS  # the idle commit: nothing more to look at
-        counts = self.counts[rows]
-        starts = np.where(self.state[rows] == REWRITTEN, 0, self.published[rows]).astype(np.int32)
-        op = np.where(starts > 0, OP_APPEND, np.where(counts == 0, OP_CLEAR, OP_SET))
-        r, c = segment_index(rows, starts, counts)
-        return GroupBatch(op.astype(np.int32), rows, starts, counts, self.table[r, c])
+        batch = kernels.pending_batch(
+            self.state, self.published, self.counts, self.table, num_reqs, REWRITTEN
+        )
+        return batch if batch.size else _NO_ROWS
 
     def changed_cells(self, batch: GroupBatch) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, cols)`` that publishing ``batch`` changes on a device that holds the
@@ -261,8 +257,8 @@ class HostRows:
         if self._saved is not None:
             undo.terms = self.terms[rows]
             self.terms[rows] = terms
-            if self._saved:
-                for row in rows.tolist():
+            if self._saved:  # only rewritten rows have a saved copy
+                for row in rows[undo.state == REWRITTEN].tolist():
                     page = self._saved.pop(row, None)
                     if page is not None:
                         undo.saved[row] = page
