@@ -56,22 +56,18 @@ class GroupBatch:
     def split(self, bounds: Sequence[int]) -> list[GroupBatch]:
         """The batch cut at row ``bounds`` (``b[0] <= b[1] <= ...``): piece ``s`` holds rows
         ``[b[s], b[s + 1])``, renumbered from ``b[s]``."""
-        cut = np.searchsorted(self.row, bounds).tolist()
-        written = self.count.astype(np.int64) - self.start
-        page_cut = np.concatenate([[0], np.cumsum(written)])[cut].tolist()
-        out = []
-        for s in range(len(bounds) - 1):
-            i, j, p, q = cut[s], cut[s + 1], page_cut[s], page_cut[s + 1]
-            out.append(
-                GroupBatch(
-                    self.op[i:j],
-                    (self.row[i:j] - bounds[s]).astype(np.int32),
-                    self.start[i:j],
-                    self.count[i:j],
-                    self.pages[p:q],
-                )
-            )
-        return out
+        bounds = np.asarray(bounds, dtype=np.int32)
+        cut = np.searchsorted(self.row, bounds)
+        written = np.zeros(self.row.size + 1, np.int64)
+        np.cumsum(self.count - self.start, out=written[1:])
+        # Every row renumbered at once (rows outside the bounds belong to no piece).
+        local = self.row.copy()
+        local[cut[0] : cut[-1]] -= np.repeat(bounds[:-1], np.diff(cut))
+        cut, page_cut = cut.tolist(), written[cut].tolist()
+        return [
+            GroupBatch(self.op[i:j], local[i:j], self.start[i:j], self.count[i:j], self.pages[p:q])
+            for i, j, p, q in zip(cut, cut[1:], page_cut, page_cut[1:], strict=False)
+        ]
 
 
 @dataclass(frozen=True, eq=False)

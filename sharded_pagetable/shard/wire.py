@@ -30,6 +30,7 @@ _KEYS = frozenset({"v", "epoch", "base", "shard", "groups"})
 _OPTIONAL_KEYS = frozenset({"gen", "sched", "done", "copies"})
 _MAX_TOKENS = 2**31 - 1
 _GROUP_KEYS = ("op", "row", "start", "count", "pages")
+_GROUP_KEY_SET = frozenset(_GROUP_KEYS)
 _I32 = np.dtype("<i4")
 _MAX_EPOCH = 2**63 - 1
 _MAX_U64 = 2**64 - 1
@@ -134,10 +135,10 @@ def _column(group: dict, key: str, g: int) -> np.ndarray:
 
 
 def _decode_group(group: object, g: int, limits: WireLimits) -> GroupBatch:
-    if type(group) is not dict or set(group) != set(_GROUP_KEYS):
+    if type(group) is not dict or group.keys() != _GROUP_KEY_SET:
         keys = sorted(map(repr, group)) if isinstance(group, dict) else type(group).__name__
         raise WireFormatError(f"group {g} must be a map with keys {list(_GROUP_KEYS)}, got {keys}")
-    op, row, start, count, pages = (_column(group, k, g) for k in _GROUP_KEYS)
+    op, row, start, count, pages = [_column(group, k, g) for k in _GROUP_KEYS]
     k = row.size
     if not op.size == start.size == count.size == k:
         raise WireFormatError(
