@@ -423,21 +423,10 @@ def test_close_hangs_up_authenticated_sessions(secret):
         ShardClient(server.address, secret, 1.0)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="spt_channel_tests")
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.multiprocess
 def test_ray_table_commits_past_stalled_peers(local_ray):
-    ray = local_ray
+    ray = pytest.importorskip("ray")
     t = sp.ShardedPageTable(
         64,
         512,

@@ -7,16 +7,10 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.multiprocess]
 
 
-def test_chaos_soak_survives_kills_with_nothing_lost():
-    from ray_actors.cluster import start_local
+def test_chaos_soak_survives_kills_with_nothing_lost(local_ray):
     from sharded_pagetable.testing.chaos import ChaosConfig, run_chaos
 
-    assert not ray.is_initialized()
-    start_local(namespace="chaos_ci")
-    try:
-        report = run_chaos(ChaosConfig(steps=30, kills=6, in_commit=2, seed=1))
-    finally:
-        ray.shutdown()
+    report = run_chaos(ChaosConfig(steps=30, kills=6, in_commit=2, seed=1))
     print(report.summary())
     assert report.steps == 30
     assert report.kills == 6 and report.kills_in_commit == 2

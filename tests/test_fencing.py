@@ -24,16 +24,6 @@ ROWS, MAX_LEN, PAGE_SIZES, BUDGET = 32, 1024, (16, 64), 256
 NAMESPACE = "spt_fencing_tests"
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace=NAMESPACE)
-    yield
-    ray.shutdown()
-
-
 def config(name: str, detached: bool = True, **ray_opts) -> TableConfig:
     return TableConfig.from_dict(
         {

@@ -619,28 +619,21 @@ WORST = [
 
 
 @pytest.fixture(scope="module")
-def ray_table():
-    ray = pytest.importorskip("ray")
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="sharded_pagetable_hostile_inputs")
+def ray_table(local_ray):
+    pytest.importorskip("ray")
+    table = sp.ShardedPageTable(
+        R,
+        MAX_LEN,
+        TOKENS,
+        PAGE_SIZES,
+        num_shards=2,
+        backend="ray",
+        ray={"devices_per_shard": 2, "timeout_s": 30},
+    )
     try:
-        table = sp.ShardedPageTable(
-            R,
-            MAX_LEN,
-            TOKENS,
-            PAGE_SIZES,
-            num_shards=2,
-            backend="ray",
-            ray={"devices_per_shard": 2, "timeout_s": 30},
-        )
-        try:
-            yield table
-        finally:
-            table.close()
+        yield table
     finally:
-        ray.shutdown()
+        table.close()
 
 
 @pytest.mark.ray

@@ -20,11 +20,7 @@ ROWS, MAX_LEN, PAGE_SIZES, POOL = 32, 256, (16, 64), 64
 RPS = ROWS // 2
 
 
-def test_a_kill_never_copies_a_plan_twice_or_in_part():
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="spt_migration_tests")
+def test_a_kill_never_copies_a_plan_twice_or_in_part(local_ray):
 
     def pending_plans(arrays, step):  # in a shard process (shipped by value): its plans
         return [[p.tolist() for p in rounds] for rounds in step.kv_copies]
@@ -64,4 +60,3 @@ def test_a_kill_never_copies_a_plan_twice_or_in_part():
         assert [p.shape[1] for p in t.commit(ROWS).kv_copies] == [0, 0]
     finally:
         t.close()
-        ray.shutdown()

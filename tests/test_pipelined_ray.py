@@ -23,11 +23,7 @@ ROWS, MAX_LEN, PAGE_SIZES = 32, 256, (16, 64)
 
 
 @pytest.fixture(scope="module")
-def table():
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="spt_pipelined_tests")
+def table(local_ray):
     t = sp.ShardedPageTable(
         ROWS,
         MAX_LEN,
@@ -40,7 +36,6 @@ def table():
     )
     yield t
     t.close()
-    ray.shutdown()
 
 
 def published(t: sp.ShardedPageTable) -> list[np.ndarray]:

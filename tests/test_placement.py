@@ -28,7 +28,7 @@ NUM_NODES = 3
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(no_shared_ray):
     """Three fake nodes on 127.0.0.1 with this process connected as the driver."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster

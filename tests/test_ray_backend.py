@@ -16,16 +16,6 @@ ROWS, MAX_LEN, PAGE_SIZES = 32, 256, (16, 64)
 WIDTHS = tuple(sp.cdiv(MAX_LEN, s) for s in PAGE_SIZES)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="sharded_pagetable_tests")
-    yield
-    ray.shutdown()
-
-
 def kill_and_wait(table, actor, shard: int) -> None:
     """ray.kill is asynchronous: wait until the shard's process is really gone."""
     from sharded_pagetable.testing.chaos import wait_for_exit

@@ -25,16 +25,6 @@ ROWS, MAX_LEN, PAGE_SIZES, BUDGET = 32, 1024, (16, 64), 256
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="spt_recovery_tests")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def config(name: str, **ray_opts) -> TableConfig:
     return TableConfig.from_dict(
         {

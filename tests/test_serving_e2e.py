@@ -78,16 +78,6 @@ def test_local_migrations_carry_their_kv(num_shards):
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="spt_serving_tests")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("processes", [2, 4])

@@ -23,44 +23,37 @@ def pids(placements) -> set[int]:
     return {where["pid"] for where in placements}
 
 
-def test_recovery_switches_to_the_standby_set():
-    from ray_actors.cluster import start_local
-
-    assert not ray.is_initialized(), "another test left Ray running"
-    start_local(namespace="spt_standby_tests")
+def test_recovery_switches_to_the_standby_set(local_ray):
+    t = sp.ShardedPageTable(
+        ROWS, MAX_LEN, 128, PAGE_SIZES, num_shards=2, backend="ray", recover="auto",
+        ray={"devices_per_shard": 1, "timeout_s": 10, "standby": True},
+    )  # fmt: skip
     try:
-        t = sp.ShardedPageTable(
-            ROWS, MAX_LEN, 128, PAGE_SIZES, num_shards=2, backend="ray", recover="auto",
-            ray={"devices_per_shard": 1, "timeout_s": 10, "standby": True},
-        )  # fmt: skip
-        try:
-            backend = t._backend
-            t.add_row([[1, 2], [3]], 0)
-            t.add_row([[4], [5, 6]], ROWS - 1)
-            t.commit(ROWS)
-            primary, standby = pids(backend.placements), pids(backend._standby.placements)
-            assert not primary & standby and len(standby) == 2
-            victim = backend.placements[1]["pid"]
-            os.kill(victim, signal.SIGKILL)
-            assert wait_for_exit(victim, 20)
-            t.append_row([[7], []], 0)
-            receipt = t.commit(ROWS)  # recovers onto the standby set, then commits
-            assert receipt.epoch == 2 and len(t.recoveries) == 1
-            assert pids(backend.placements) == standby  # switched, not started anew
-            assert sorted(t.lost_kv_rows.tolist()) == [0, ROWS - 1]
-            snap = t.device_snapshot(0)
-            assert snap[0, :4].tolist() == [1, 2, 7, 0] and snap[ROWS - 1, :2].tolist() == [4, 0]
-            backend._replacing.join(120)  # the next standby set starts in the background
-            fresh = pids(backend._standby.placements)
-            assert len(fresh) == 2 and not fresh & (primary | standby)
-            all_pids = pids(backend.placements) | fresh
-        finally:
-            t.close()
-        for pid in all_pids:  # close stops the standby set too
-            assert wait_for_exit(pid, 30), f"shard process {pid} outlived close()"
-        assert np.all(snap >= 0)
+        backend = t._backend
+        t.add_row([[1, 2], [3]], 0)
+        t.add_row([[4], [5, 6]], ROWS - 1)
+        t.commit(ROWS)
+        primary, standby = pids(backend.placements), pids(backend._standby.placements)
+        assert not primary & standby and len(standby) == 2
+        victim = backend.placements[1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for_exit(victim, 20)
+        t.append_row([[7], []], 0)
+        receipt = t.commit(ROWS)  # recovers onto the standby set, then commits
+        assert receipt.epoch == 2 and len(t.recoveries) == 1
+        assert pids(backend.placements) == standby  # switched, not started anew
+        assert sorted(t.lost_kv_rows.tolist()) == [0, ROWS - 1]
+        snap = t.device_snapshot(0)
+        assert snap[0, :4].tolist() == [1, 2, 7, 0] and snap[ROWS - 1, :2].tolist() == [4, 0]
+        backend._replacing.join(120)  # the next standby set starts in the background
+        fresh = pids(backend._standby.placements)
+        assert len(fresh) == 2 and not fresh & (primary | standby)
+        all_pids = pids(backend.placements) | fresh
     finally:
-        ray.shutdown()
+        t.close()
+    for pid in all_pids:  # close stops the standby set too
+        assert wait_for_exit(pid, 30), f"shard process {pid} outlived close()"
+    assert np.all(snap >= 0)
 
 
 def test_standby_and_detached_do_not_mix():
