@@ -123,9 +123,9 @@ class Shard:
         self._applied: ShardBatch | bytes | None = None  # the message of this epoch
         self._undo: _Undo | None = None
         self.devices = [
-            DeviceRows(
-                (layout.max_num_reqs, w), sharding, table, self.lo, self.hi, warmup=spec.warmup
-            )
+            # The fused update below is what commits use; the per-group one (blocks with
+            # more changed cells than the largest bucket) compiles on first use.
+            DeviceRows((layout.max_num_reqs, w), sharding, table, self.lo, self.hi, warmup=False)
             for w, table in zip(spec.widths, self.tables, strict=True)
         ]
         self.step = None
