@@ -88,10 +88,11 @@ def wait_for_exit(pid: int, timeout_s: float) -> bool:
     return False
 
 
-def _kill(table: sp.ShardedPageTable, rng: np.random.Generator) -> int:
-    """SIGKILL one shard process and wait until it is gone; returns its shard index."""
+def _kill(table: sp.ShardedPageTable, rng: np.random.Generator, shard: int | None = None) -> int:
+    """SIGKILL one shard process (``shard``, or one picked with ``rng``) and wait until it is
+    gone; returns its shard index."""
     backend = table._backend
-    shard = int(rng.integers(table.num_shards))
+    shard = int(rng.integers(table.num_shards)) if shard is None else shard
     pid = backend.placements[shard]["pid"]
     os.kill(pid, signal.SIGKILL)
     wait_for_exit(pid, 10)
@@ -101,14 +102,18 @@ def _kill(table: sp.ShardedPageTable, rng: np.random.Generator) -> int:
 @contextlib.contextmanager
 def kill_after_send(table: sp.ShardedPageTable, rng: np.random.Generator):
     """Within the block, the first commit kills a shard once every shard's batch is on its
-    way and before any answer is read (it wraps the backend's ``send`` of this table)."""
+    way and before any answer is read (it wraps the backend's ``send`` of this table). The
+    victim is stopped (SIGSTOP) before the batches go out, so it never answers that epoch:
+    the commit always sees it lost, however fast the other shards are."""
     backend = table._backend
     send = backend.send
 
     def send_then_kill(batches):
-        send(batches)
         del backend.send  # back to the class's method: one kill only
-        _kill(table, rng)
+        shard = int(rng.integers(table.num_shards))
+        os.kill(backend.placements[shard]["pid"], signal.SIGSTOP)
+        send(batches)
+        _kill(table, rng, shard)
 
     backend.send = send_then_kill
     try:
