@@ -73,34 +73,27 @@ def first_bad_append(counts: np.ndarray, batch: GroupBatch) -> int:
 
 
 @nb.njit(cache=True, nogil=True)
-def _pending(state, published, counts, table, num_rows, rewritten):  # pragma: no cover
-    k = 0
+def _pending(state, published, counts, table, rows, rewritten):  # pragma: no cover
+    k = rows.size
     cells = 0
-    for r in range(num_rows):
-        st = state[r]
-        if st:
-            k += 1
-            cells += counts[r] - (0 if st == rewritten else published[r])
+    for i in range(k):
+        r = rows[i]
+        cells += counts[r] - (0 if state[r] == rewritten else published[r])
     op = np.empty(k, np.int32)
-    row = np.empty(k, np.int32)
     start = np.empty(k, np.int32)
     count = np.empty(k, np.int32)
     pages = np.empty(cells, np.int32)
-    i = 0
     p = 0
-    for r in range(num_rows):
-        st = state[r]
-        if not st:
-            continue
-        s = 0 if st == rewritten else published[r]
+    for i in range(k):
+        r = rows[i]
+        s = 0 if state[r] == rewritten else published[r]
         c = counts[r]
-        row[i], start[i], count[i] = r, s, c
+        start[i], count[i] = s, c
         op[i] = OP_APPEND if s > 0 else (OP_CLEAR if c == 0 else OP_SET)
         for col in range(s, c):
             pages[p] = table[r, col]
             p += 1
-        i += 1
-    return op, row, start, count, pages
+    return op, start, count, pages
 
 
 def pending_batch(
@@ -110,12 +103,18 @@ def pending_batch(
     table: np.ndarray,
     num_rows: int,
     rewritten: int,
-) -> GroupBatch:
+) -> GroupBatch | None:
     """The batch that publishes rows ``[0, num_rows)`` whose ``state`` (i8[R]) is not 0: an
     APPEND of the pages past ``published`` (i32[R]) for a row that only grew, else a SET
     (or CLEAR) of the whole row from ``table`` (i32[R, P]) and ``counts`` (i32[R]); a row
-    whose state is ``rewritten`` is sent whole. One pass over the rows, in row order."""
-    return GroupBatch(*_pending(state, published, counts, table, num_rows, rewritten))
+    whose state is ``rewritten`` is sent whole. Finding the rows is one vectorised scan (an
+    idle commit costs only that, and gets None); building the batch is one pass over them."""
+    rows = np.flatnonzero(state[:num_rows])
+    if not rows.size:
+        return None
+    rows = rows.astype(np.int32)
+    op, start, count, pages = _pending(state, published, counts, table, rows, rewritten)
+    return GroupBatch(op, rows, start, count, pages)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -286,7 +285,7 @@ def warm_up(table: np.ndarray, counts: np.ndarray, inner: np.ndarray, consts: Gr
     message has (read-only int32 columns), before the first commit."""
     empty = np.frombuffer(b"", dtype="<i4")
     batch = GroupBatch(empty, empty, empty, empty, empty)
-    pending_batch(np.zeros(1, np.int8), counts[:1], counts[:1], table[:1], 0, 2)
+    pending_batch(np.ones(1, np.int8), counts[:1], counts[:1], table[:1], 1, 2)
     check_values(empty, empty, empty, empty, empty, 1, 1)
     first_bad_append(counts, batch)
     batch_terms(inner, batch, consts)

@@ -207,7 +207,7 @@ class HostRows:
         batch = kernels.pending_batch(
             self.state, self.published, self.counts, self.table, num_reqs, REWRITTEN
         )
-        return batch if batch.size else _NO_ROWS
+        return _NO_ROWS if batch is None else batch  # the idle commit: nothing pending
 
     def changed_cells(self, batch: GroupBatch) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, cols)`` that publishing ``batch`` changes on a device that holds the
