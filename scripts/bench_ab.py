@@ -10,6 +10,9 @@ medians and the median of the per-step ratios are then measured under the same l
 
     scripts/dev.sh bench bench_ab --base 0d894e7                 # every table kind
     scripts/dev.sh bench bench_ab --base 0d894e7 --only ray --steps 400
+
+After the sharded kinds it times the single-process ``PageTable`` commit the same way, at
+the dirty-row levels of ``bench_page_table`` (``--page-table-reps 0`` skips it).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--only", help="regular expression: run only matching table kinds")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--page-table-reps", type=int, default=200, help="0: skip that part")
     args = parser.parse_args()
     rev = subprocess.run(
         ["git", "rev-parse", "--short", args.base], cwd=HERE, check=True, capture_output=True,
@@ -151,6 +155,44 @@ def run(rev: str, args: argparse.Namespace) -> None:
             f"{np.percentile(old, 99):>9.0f} {np.percentile(new, 99):>9.0f}",
             flush=True,
         )
+    if args.page_table_reps and not args.only:
+        run_page_table(head, base, args.page_table_reps)
+
+
+def run_page_table(head, base, reps: int) -> None:
+    """The single-process ``PageTable`` commit at 0, 1, 8 and 64 dirty rows (the shapes of
+    ``bench_page_table``), each rep timed on both versions back to back."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def make(sp, rows, width):
+        t = sp.PageTable(rows, width, 8192)
+        for r in range(rows):
+            t.add_row(list(range(width // 4)), r)
+        t.commit(rows)
+        t.get_device_tensor().block_until_ready()
+        return t
+
+    print(f"\nPageTable commit (1 device), {reps} paired reps per level")
+    print(f"{'shape, dirty rows':<42} {'base p50':>9} {'head p50':>9} {'ratio':>7}")
+    for rows, width in ((1024, 512), (4096, 2048)):
+        tables = {"base": make(base, rows, width), "head": make(head, rows, width)}
+        for dirty in (0, 1, 8, 64):
+            times = {"base": [], "head": []}
+            for i in range(reps):
+                picked = rng.choice(rows, dirty, replace=False).tolist()
+                for who in ("base", "head") if i % 2 == 0 else ("head", "base"):
+                    t = tables[who]
+                    for r in picked:  # grow the row, or empty a full one
+                        t.append_row([7], r) if t.num_pages_per_row[r] < width else t.clear_row(r)
+                    t0 = time.perf_counter()
+                    t.commit(rows)
+                    t.get_device_tensor().block_until_ready()
+                    times[who].append(time.perf_counter() - t0)
+            old, new = (np.median(times[w]) * 1e6 for w in ("base", "head"))
+            name = f"{rows}x{width}, {dirty} dirty"
+            print(f"{name:<42} {old:>9.1f} {new:>9.1f} {new / old:>6.2f}x", flush=True)
 
 
 if __name__ == "__main__":
