@@ -73,27 +73,34 @@ def first_bad_append(counts: np.ndarray, batch: GroupBatch) -> int:
 
 
 @nb.njit(cache=True, nogil=True)
-def _pending(state, published, counts, table, rows, rewritten):  # pragma: no cover
-    k = rows.size
+def _pending(state, published, counts, table, num_rows, rewritten):  # pragma: no cover
+    k = 0
     cells = 0
-    for i in range(k):
-        r = rows[i]
-        cells += counts[r] - (0 if state[r] == rewritten else published[r])
+    for r in range(num_rows):
+        st = state[r]
+        if st:
+            k += 1
+            cells += counts[r] - (0 if st == rewritten else published[r])
     op = np.empty(k, np.int32)
+    row = np.empty(k, np.int32)
     start = np.empty(k, np.int32)
     count = np.empty(k, np.int32)
     pages = np.empty(cells, np.int32)
+    i = 0
     p = 0
-    for i in range(k):
-        r = rows[i]
-        s = 0 if state[r] == rewritten else published[r]
+    for r in range(num_rows):
+        st = state[r]
+        if not st:
+            continue
+        s = 0 if st == rewritten else published[r]
         c = counts[r]
-        start[i], count[i] = s, c
+        row[i], start[i], count[i] = r, s, c
         op[i] = OP_APPEND if s > 0 else (OP_CLEAR if c == 0 else OP_SET)
         for col in range(s, c):
             pages[p] = table[r, col]
             p += 1
-    return op, start, count, pages
+        i += 1
+    return op, row, start, count, pages
 
 
 def pending_batch(
@@ -107,14 +114,11 @@ def pending_batch(
     """The batch that publishes rows ``[0, num_rows)`` whose ``state`` (i8[R]) is not 0: an
     APPEND of the pages past ``published`` (i32[R]) for a row that only grew, else a SET
     (or CLEAR) of the whole row from ``table`` (i32[R, P]) and ``counts`` (i32[R]); a row
-    whose state is ``rewritten`` is sent whole. Finding the rows is one vectorised scan (an
-    idle commit costs only that, and gets None); building the batch is one pass over them."""
-    rows = np.flatnonzero(state[:num_rows])
-    if not rows.size:
+    whose state is ``rewritten`` is sent whole. None when no row is pending (one vectorised
+    test: an idle commit costs only that); else one compiled pass over the rows."""
+    if not state[:num_rows].any():
         return None
-    rows = rows.astype(np.int32)
-    op, start, count, pages = _pending(state, published, counts, table, rows, rewritten)
-    return GroupBatch(op, rows, start, count, pages)
+    return GroupBatch(*_pending(state, published, counts, table, num_rows, rewritten))
 
 
 @nb.njit(cache=True, nogil=True)
