@@ -100,11 +100,9 @@ def run(rev: str, args: argparse.Namespace) -> None:
             out[f"Sharded local, {n} shard(s), 8 devices"] = lambda n=n: sp.ShardedPageTable(
                 rows, max_len, budget, sizes, num_shards=n
             )
-        ray_opts = {"backend": "ray", "ray": {"timeout_s": 60}}
         for n in () if args.no_ray else (2, 4):
-            opts = {**ray_opts, "ray": {**ray_opts["ray"], "devices_per_shard": 8 // n}}
-            out[f"Sharded ray, {n} processes x {8 // n} devices"] = lambda n=n, o=opts: (
-                sp.ShardedPageTable(rows, max_len, budget, sizes, num_shards=n, **o)
+            out[f"Sharded ray, {n} processes x {8 // n} devices"] = lambda n=n: bench.ray_table(
+                n, lib=sp
             )
         return out
 

@@ -44,6 +44,8 @@ jax.config.update("jax_num_cpu_devices", 64)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import bench_sharded  # noqa: E402  (scripts/: the same Ray tables)
+
 import sharded_pagetable as sp  # noqa: E402
 from sharded_pagetable.coordinator.epochs import expected_after, shard_messages  # noqa: E402
 from sharded_pagetable.shard import wire  # noqa: E402
@@ -271,17 +273,7 @@ def ray_tables(counts: Sequence[int]) -> list:
     tables = []
     try:
         for n in counts:
-            tables.append(
-                sp.ShardedPageTable(
-                    ROWS,
-                    MAX_LEN,
-                    BUDGET,
-                    PAGE_SIZES,
-                    num_shards=n,
-                    backend="ray",
-                    ray={"devices_per_shard": 8 // n, "timeout_s": 60},
-                )
-            )
+            tables.append(bench_sharded.ray_table(n, ROWS))
     except BaseException:
         for t in reversed(tables):
             t.close()

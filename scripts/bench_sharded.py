@@ -81,6 +81,15 @@ def make_steps(seed: int, steps: int, rows: int, rows_per_shard: int):
     return init, plan
 
 
+def ray_table(n: int, rows: int = ROWS, lib=sp):
+    """A Ray table of ``rows`` rows over ``n`` shard processes sharing the 8 devices, built
+    from ``lib`` (this package, or another version of it: ``bench_ab``)."""
+    return lib.ShardedPageTable(
+        rows, MAX_LEN, BUDGET, PAGE_SIZES, num_shards=n, backend="ray",
+        ray={"devices_per_shard": 8 // n, "timeout_s": 60},
+    )  # fmt: skip
+
+
 def apply(table, ops) -> None:
     for name, args in ops:
         getattr(table, name)(*args)
@@ -168,17 +177,6 @@ def main() -> None:
             lambda: sp.ShardedPageTable(ROWS, MAX_LEN, BUDGET, PAGE_SIZES, num_shards=4),
         )
     )
-
-    def ray_table(n: int):
-        return sp.ShardedPageTable(
-            ROWS,
-            MAX_LEN,
-            BUDGET,
-            PAGE_SIZES,
-            num_shards=n,
-            backend="ray",
-            ray={"devices_per_shard": 8 // n, "timeout_s": 60},
-        )
 
     if with_ray:
         for n in (2, 4):
