@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -12,6 +13,7 @@ import ray
 
 from sharded_pagetable.config import RayOptions
 from sharded_pagetable.errors import (
+    BatchTooLargeError,
     FencedError,
     RunOnShardsError,
     ShardFailedError,
@@ -66,8 +68,12 @@ class RayBackend:
         self._owns_ray = connect(options.address, options.namespace)
         self._pg = None
         self._delivery: EpochDelivery | None = None  # how commit messages reach the shards
-        self._limits = WireLimits(specs[0].layout.rows_per_shard, specs[0].widths)
+        layout = specs[0].layout
+        self._limits = WireLimits.for_shard(
+            layout.rows_per_shard, specs[0].widths, layout.max_num_reqs
+        )
         self._generation = 0  # the coordinator generation this backend last fenced with
+        self.started_shards = not attach  # only shards it started does close() stop
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
         self._standby: ShardSet | None = None  # a started, warmed, idle set (ray.standby)
@@ -137,6 +143,7 @@ class RayBackend:
     def _use(self, shards: ShardSet) -> None:
         """Make ``shards`` the shards this backend drives."""
         self.actors, self.placements, self._pg = shards.actors, shards.placements, shards.pg
+        self.started_shards = True  # e.g. an attached table's recovery started new ones
         self._delivery = EpochDelivery(self.actors, self.placements, shards.keys, self.options)
 
     def restart(self) -> None:
@@ -180,7 +187,14 @@ class RayBackend:
 
     def send(self, batches: Sequence[ShardBatch]) -> None:
         """Start delivering one batch per shard (see :class:`EpochDelivery`)."""
-        self._delivery.send([encode(b) for b in batches])
+        messages = [encode(b) for b in batches]
+        for b, m in zip(batches, messages, strict=True):
+            if len(m) > self._limits.max_bytes:  # never discovered by a shard
+                raise BatchTooLargeError(
+                    f"the batch for shard {b.shard} encodes to {len(m)} bytes, over the "
+                    f"{self._limits.max_bytes} a shard accepts"
+                )
+        self._delivery.send(messages)
 
     def collect(self) -> list[Ack | BaseException]:
         """Every shard's answer to the last :meth:`send`."""
@@ -262,18 +276,25 @@ class RayBackend:
         refs = [a.reseed.remote(m, generation) for a, m in zip(self.actors, messages, strict=True)]
         return self._replies(refs, range(self.num_shards))
 
-    def export(self, generation: int) -> list[ShardBatch | None]:
-        messages = self._gather([a.export.remote(generation) for a in self.actors], "export")
-        out = []
-        for i, m in enumerate(messages):
-            try:
-                out.append(None if m is None else decode(m, self._limits))
-            except WireFormatError as exc:
-                refusal = self._reply(i, m)  # a refusal instead of a state?
-                if isinstance(refusal, FencedError):
-                    raise refusal from None
-                raise ShardFailedError(i, -1, f"exported a malformed state: {exc}") from None
-        return out
+    def export(self, generations: Sequence[int]) -> list[ShardBatch | BaseException | None]:
+        refs = [a.export.remote(g) for a, g in zip(self.actors, generations, strict=True)]
+        return [
+            m if isinstance(m, BaseException) else self._state(i, m)
+            for i, m in enumerate(per_shard(refs, self.options.timeout_s))
+        ]
+
+    def _state(self, shard: int, message: bytes | None) -> ShardBatch | BaseException | None:
+        """An exported full state, or the exception its refusal (or malformed bytes) stands for."""
+        if message is None:
+            return None
+        try:
+            return decode(message, self._limits)
+        except WireFormatError as exc:
+            error = WireFormatError(f"shard {shard} exported a malformed state: {exc}")
+        with contextlib.suppress(WireFormatError):
+            if isinstance(decode_reply(message, self.num_shards), Refusal):
+                return self._reply(shard, message)  # a refusal instead of a state
+        return error
 
     def group_array(self, group: int):
         raise RuntimeError(

@@ -9,6 +9,7 @@ from .coordinator.coordinator import ShardedPageTable
 from .coordinator.metrics import TableMetrics, serve_metrics
 from .coordinator.receipt import CommitReceipt, ShardReceipt
 from .errors import (
+    BatchTooLargeError,
     ConfigError,
     FencedError,
     PageTableFullError,
@@ -24,6 +25,7 @@ __all__ = [
     "MAX_PAGE_ID",
     "PAGE_TABLE_PADDING_VAL",
     "SLOT_MAPPING_PADDING_VAL",
+    "BatchTooLargeError",
     "CommitReceipt",
     "ConfigError",
     "FencedError",

@@ -9,6 +9,11 @@ class WireFormatError(ValueError):
     """A wire message was refused; nothing was applied."""
 
 
+class BatchTooLargeError(ValueError):
+    """An epoch holds more than a shard accepts (``WireLimits``); the coordinator refuses it
+    before anything is sent, so nothing changed and no shard failed."""
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
 

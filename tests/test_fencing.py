@@ -92,7 +92,7 @@ def test_failed_attach_leaves_every_shard_running_and_untouched(local_ray):
                 np.testing.assert_array_equal(third[g].get_cpu_tensor(), snap)
             assert pids(third) == before
         finally:
-            third.close()
+            third.close(stop_shards=True)  # an attached coordinator stops them only if asked
     finally:
         t.close()
 
@@ -129,7 +129,7 @@ def test_second_coordinator_takes_over_and_fences_the_first(local_ray, channel):
     finally:
         first.close()
         if second is not None:
-            second.close()
+            second.close(stop_shards=True)
 
 
 def test_run_on_shards_errors_are_the_callers_and_leave_the_table_healthy(local_ray):

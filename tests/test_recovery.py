@@ -158,7 +158,7 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
         ref.commit(ROWS)
         assert_same(attached, ref)
     finally:
-        attached.close()
+        attached.close(stop_shards=True)
 
 
 COORDINATOR = """
@@ -224,5 +224,35 @@ def test_restarted_coordinator_attaches_and_continues(local_ray):
                 apply_ops(tab, step.ops)
                 tab.commit(step.num_reqs)
             assert_same(t, ref)
+    finally:
+        t.close(stop_shards=True)
+
+
+def test_a_shard_holding_other_content_for_an_epoch_fails_the_table_closed(local_ray):
+    """Shard 0 applied epoch E + 1 with content the coordinator never sent (a direct call on
+    its actor). The coordinator's own E + 1 is refused: the table fails closed (reads stop
+    serving the shard's content) and recover() rebuilds it from the mirror."""
+    t = sp.ShardedPageTable.from_config(config("other-content"))
+    ref = model()
+    try:
+        for tab in (t, ref):
+            tab.add_row([[5, 6, 7], [8]], 0)
+            tab.add_row([[9], [10, 11]], 20)
+            tab.commit(ROWS)
+        forged = append_page_message(t.epoch, held=3, page=99, generation=t.generation)
+        ack = decode_reply(ray.get(t._backend.actors[0].apply.remote(forged), timeout=30), 2)
+        assert ack.epoch == t.epoch + 1
+        for tab in (t, ref):
+            tab.append_row([[12], [13]], 0)
+        with pytest.raises(sp.ShardFailedError, match="other content") as info:
+            t.commit(ROWS)
+        assert info.value.shard == 0
+        with pytest.raises(sp.ShardFailedError, match="fail-closed"):
+            t.device_snapshot(0)
+        t.recover()
+        assert 99 not in t.device_snapshot(0)
+        t.commit(ROWS)
+        ref.commit(ROWS)
+        assert_same(t, ref)
     finally:
         t.close()

@@ -1,45 +1,135 @@
-"""Attach: a new coordinator rebuilds its mirror from shards that outlived the old one."""
+"""Attach: a new coordinator takes over shards that outlived the old one.
+
+A take-over has one point of no return, the fence. Everything before it only reads: the
+shards' status and a full-state export of each at the generation it obeys, checked for
+consistency. Anything that fails there raises and changes nothing, so the previous
+coordinator stays in charge. From the fence on, the new coordinator owns the shards and
+completes the take-over whatever happens: a shard that dies after its read is rebuilt from
+that read (the table is returned fail-closed, and ``recover()``, or the first call with
+``recover="auto"``, restarts it). The one case it cannot complete is a shard lost after
+its read while the old coordinator was still publishing (its read is then not at the
+settled epoch); that raises ``RuntimeError`` and is documented in the README.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from ..errors import FencedError, ShardFailedError, WireFormatError
 from ..routing.layout import ShardLayout
+from ..shard.messages import Ack, ShardBatch
 from ..table.host import HostRows
 from .backend import Backend
-from .epochs import failures, shard_sums
+from .epochs import new_generation, shard_sums
 
 log = logging.getLogger(__name__)
 
 
-def adopt(
-    backend: Backend, hosts: Sequence[HostRows], layout: ShardLayout, generation: int
-) -> tuple[int, list[int]]:
-    """Settle the (already fenced) shards on the newest epoch every one of them can present,
-    load their rows into the empty mirror ``hosts`` as published, and return that epoch
-    with each shard's checksum. Shards one epoch ahead (a commit the old coordinator never
-    finished) step back; anything else that does not add up raises ``RuntimeError`` before
-    the mirror is trusted."""
-    epochs = [a.epoch for a in backend.status()]
-    target = min(epochs)
-    if max(epochs) - target > 1:
+@dataclass(frozen=True)
+class TakeOver:
+    """What an attach leaves the new coordinator: its generation, the settled epoch, each
+    shard's checksum, and the shard lost on the way (None if every shard came through)."""
+
+    generation: int
+    epoch: int
+    expected: list[int]
+    lost: ShardFailedError | None
+
+
+def read_shards(backend: Backend) -> tuple[list[Ack], list[ShardBatch | None]]:
+    """Every shard's status and full state, read at the generation it obeys (changes
+    nothing; raises if any shard cannot be read or the shards cannot be settled)."""
+    status = backend.status()
+    states = backend.export([a.generation for a in status])
+    for s, state in enumerate(states):
+        if isinstance(state, BaseException):
+            if isinstance(state, FencedError):
+                raise state
+            raise ShardFailedError(s, -1, f"{type(state).__name__}: {state}", during="attaching")
+        _check_state(s, state, before_epoch(state))
+    epochs = [before_epoch(state) for state in states]
+    if max(epochs) - min(epochs) > 1:
         raise RuntimeError(f"shards hold epochs {epochs}: more than one epoch apart, cannot settle")
-    ahead = [s for s, e in enumerate(epochs) if e > target]
+    return status, states
+
+
+def take_over(backend: Backend, hosts: Sequence[HostRows], layout: ShardLayout) -> TakeOver:
+    """Fence every shard with a new generation, settle them on the newest epoch every one of
+    them can present (shards one epoch ahead, from a commit the old coordinator never
+    finished, step back) and load their rows into the empty mirror ``hosts`` as published.
+    """
+    status, before = read_shards(backend)
+    generation = new_generation(max(a.generation for a in status))
+    acks = backend.fence(generation)  # the point of no return
+    for res in acks:
+        if isinstance(res, FencedError):
+            raise FencedError(generation, res.holder)  # an even newer coordinator holds them
+    lost: dict[int, str] = {}
+    live = {s: a for s, a in enumerate(acks) if not _lost(s, a, lost)}
+    epochs = [live[s].epoch if s in live else before_epoch(before[s]) for s in range(len(acks))]
+    target = min(epochs)
+    ahead = [s for s in live if live[s].epoch == target + 1]
     if ahead:
         for s, res in zip(ahead, backend.rollback(ahead, target + 1, generation), strict=True):
-            if isinstance(res, BaseException) or res.epoch != target:
-                raise RuntimeError(f"shard {s} cannot step back to epoch {target}: {res}")
+            if not _lost(s, res, lost):
+                live[s] = res
         log.warning("shards %s stepped back to epoch %d to settle", ahead, target)
-    for s, state in enumerate(backend.export(generation)):
-        if state is None:
-            continue
-        if state.epoch != target or state.shard != s:
-            raise RuntimeError(f"shard {s} exported epoch {state.epoch}, expected {target}")
-        for host, group in zip(hosts, state.groups, strict=True):
-            host.load(layout.shard_rows(s).start, group)
+    states = list(before)
+    exported = backend.export([generation] * len(acks))
+    for s in list(live):
+        if _lost(s, exported[s], lost):
+            del live[s]
+        else:
+            states[s] = exported[s]
+    for s, state in enumerate(states):
+        held = live[s].epoch if s in live else before_epoch(state)
+        if held != target:
+            raise RuntimeError(
+                f"shard {s} holds epoch {held}, not the settled epoch {target}"
+                + (f" (it was lost during the attach: {lost[s]})" if s in lost else "")
+            )
+        _check_state(s, state, target)
+        if state is not None:
+            for host, group in zip(hosts, state.groups, strict=True):
+                host.load(layout.shard_rows(s).start, group)
     expected = shard_sums(hosts, layout)
-    failed = failures(backend.status(), expected, target, "reports after attach")
-    if failed:
-        raise RuntimeError(f"shard {failed[0][0]}: {failed[0][1]}")
-    return target, expected
+    for s, ack in live.items():
+        if ack.checksum != expected[s]:
+            raise RuntimeError(
+                f"shard {s} reports checksum {ack.checksum:#x} after attach, its rows "
+                f"{expected[s]:#x}"
+            )
+    error = None
+    if lost:
+        shard = min(lost)
+        error = ShardFailedError(shard, target, lost[shard], during="attaching")
+        log.warning("attach took the table over without shards %s: %s", sorted(lost), error)
+    return TakeOver(generation, target, expected, error)
+
+
+def before_epoch(state: ShardBatch | None) -> int:
+    return 0 if state is None else state.epoch
+
+
+def _lost(s: int, res: object, lost: dict[int, str]) -> bool:
+    """Record shard ``s`` as lost if ``res`` is its failure; another coordinator's fence is
+    re-raised (two attaches at once: the newer one wins)."""
+    if isinstance(res, FencedError):
+        raise res
+    if isinstance(res, BaseException):
+        lost[s] = f"{type(res).__name__}: {res}"
+        return True
+    return False
+
+
+def _check_state(s: int, state: ShardBatch | None, epoch: int) -> None:
+    if state is None:
+        if epoch != 0:
+            raise WireFormatError(f"shard {s} holds epoch {epoch} but exported no state")
+        return
+    if state.shard != s or state.epoch != epoch:
+        raise WireFormatError(
+            f"shard {s} exported shard {state.shard} at epoch {state.epoch}, expected epoch {epoch}"
+        )

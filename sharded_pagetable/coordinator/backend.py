@@ -25,6 +25,7 @@ Result = Ack | BaseException
 
 class Backend(Protocol):
     num_shards: int
+    started_shards: bool  # whether this backend started its shards (and so may stop them)
 
     def send(self, batches: Sequence[ShardBatch]) -> None:
         """Start delivering one epoch: one batch per shard, in shard order."""
@@ -44,8 +45,9 @@ class Backend(Protocol):
     def reseed(self, states: Sequence[ShardBatch | None], generation: int) -> list[Result]:
         """Rebuild every shard from a full-state batch (None: empty)."""
 
-    def export(self, generation: int) -> list[ShardBatch | None]:
-        """Every shard's rows as a full-state batch at its epoch."""
+    def export(self, generations: Sequence[int]) -> list[ShardBatch | BaseException | None]:
+        """Every shard's rows as a full-state batch at its epoch (None at epoch 0), read at
+        ``generations[s]`` (a shard refuses any generation but the one it obeys)."""
 
     def restart(self) -> None:
         """Replace every shard with a new, empty one."""

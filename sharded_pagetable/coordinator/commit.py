@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..errors import FencedError, ShardFailedError
 from ..shard.messages import Ack, Schedule, ShardBatch
+from ..shard.wire import WireLimits
 from ..table.host import Unpublish
 from ..table.schedule import check_schedule
 from ..table.validation import check_count
@@ -43,6 +44,7 @@ class Commits:
 
     _in_flight: InFlight | None = None
     metrics: TableMetrics | None = None
+    wire_limits: WireLimits
 
     def commit(
         self,
@@ -113,6 +115,8 @@ class Commits:
         messages = shard_messages(
             epoch, self.epoch, self.generation, batches, self.layout, schedule, plans
         )
+        for message in messages:  # an oversized epoch is the caller's error, not a shard's
+            self.wire_limits.check(message)
         backend.send(messages)
         # While the shards apply: the terms each row will have and what each shard must report.
         terms = [host.terms_after(b) for host, b in zip(self._hosts, batches, strict=True)]
@@ -163,12 +167,9 @@ class Commits:
         applied = [s for s, r in enumerate(results) if isinstance(r, Ack) and r.epoch == epoch]
         rollback = backend.rollback(applied, epoch, self.generation) if applied else []
         self._check_fenced(rollback)
-        stuck = [s for s, r in zip(applied, rollback, strict=True) if isinstance(r, BaseException)]
-        shard, reason, lost = failed[0]
-        error = ShardFailedError(shard, epoch, reason + "; nothing was published")
-        if lost or stuck:
-            self._failed = error
-        raise error
+        shard, reason = failed[0]
+        self._failed = ShardFailedError(shard, epoch, reason + "; nothing was published")
+        raise self._failed
 
     def _check_fenced(self, results: Sequence[Result]) -> None:
         """A newer coordinator owns the shards: refuse everything from now on."""

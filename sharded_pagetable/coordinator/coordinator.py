@@ -25,9 +25,10 @@ from ..constants import cdiv
 from ..errors import FencedError, ShardFailedError
 from ..routing.pools import PagePools
 from ..shard.checksum import GroupConsts
+from ..shard.wire import WireLimits
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
-from .attach import adopt
+from .attach import take_over
 from .backend import Backend
 from .commit import Commits
 from .epochs import (
@@ -148,14 +149,20 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
             attach=_attach,
         )
         self._expected = [0] * num_shards  # u64 checksum each shard must report
+        layout = self.layout
+        self.wire_limits = WireLimits.for_shard(
+            layout.rows_per_shard, widths, layout.max_num_reqs
+        )  # what a shard accepts: every epoch is checked against it before it is sent
         try:
-            # A generation above every one the shards obeyed: an attach takes the table over.
-            self.generation = new_generation(max(a.generation for a in self._backend.status()))
-            self._fence(self._backend)
-            if _attach:
-                self.epoch, self._expected = adopt(
-                    self._backend, self._hosts, self.layout, self.generation
-                )
+            if _attach:  # the previous coordinator stays in charge unless this completes
+                taken = take_over(self._backend, self._hosts, self.layout)
+                self.generation, self.epoch = taken.generation, taken.epoch
+                self._expected, self._failed = taken.expected, taken.lost
+            else:
+                # A generation above every one the shards obeyed.
+                status = self._backend.status()
+                self.generation = new_generation(max(a.generation for a in status))
+                self._fence(self._backend)
         except BaseException:
             backend, self._backend = self._backend, None
             if _attach:  # only shards this coordinator created may be stopped
@@ -263,7 +270,7 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
                 raise self._failed from exc
             failed = failures(results, self._expected, self.epoch, "re-seeded to")
             if failed:
-                shard, reason, _ = failed[0]
+                shard, reason = failed[0]
                 self._failed = ShardFailedError(shard, self.epoch, reason)
                 raise self._failed
             self._failed = None
@@ -286,9 +293,14 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
                 host.reset()
             self.commit(self.max_num_reqs)
 
-    def close(self) -> None:
-        """Release the shards (actors and devices). Safe to call twice. A coordinator that a
-        newer one took over only lets go of them."""
+    def close(self, stop_shards: bool | None = None) -> None:
+        """Release the shards (actors and devices). Safe to call twice.
+
+        Only the coordinator that started the shards stops them (``stop_shards=None``); one
+        that attached to running shards, or that a newer one took over, lets go of them and
+        leaves them running. ``stop_shards=True`` stops shards this coordinator attached to
+        (a detached table's final shutdown); ``False`` leaves even its own running.
+        """
         with self._lock:
             if self._backend is not None:
                 with contextlib.suppress(ShardFailedError, FencedError):
@@ -296,7 +308,8 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
             backend, self._backend = self._backend, None
             if backend is None:
                 return
-            if self._fenced is not None:
+            stop = backend.started_shards if stop_shards is None else stop_shards
+            if self._fenced is not None or not stop:
                 backend.detach()
             else:
                 backend.close(clean=self._failed is None)

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import WireFormatError
 from ..routing.layout import ShardLayout
 from ..shard import checksum
 from ..shard.messages import GroupBatch, Schedule, ShardBatch
@@ -100,20 +99,20 @@ def shard_sums(hosts: Sequence[HostRows], layout: ShardLayout) -> list[int]:
 
 def failures(
     results: Sequence[Result], expected: Sequence[int], epoch: int, verb: str
-) -> list[tuple[int, str, bool]]:
-    """``(shard, reason, shard lost)`` of every result that is not ``(epoch, expected)``."""
-    failures = []
+) -> list[tuple[int, str]]:
+    """``(shard, reason)`` of every result that is not ``(epoch, expected)``.
+
+    A refusal counts as much as a dead shard: the coordinator sent what its mirror says the
+    shard holds, so a shard that refuses it holds something else (another epoch's content,
+    rows the mirror does not know) and must be rebuilt before the table can go on."""
+    out = []
     for s, res in enumerate(results):
         if isinstance(res, BaseException):
-            lost = not isinstance(res, WireFormatError)  # a refusal leaves the shard intact
-            failures.append((s, f"{type(res).__name__}: {res}", lost))
+            out.append((s, f"{type(res).__name__}: {res}"))
         elif res.epoch != epoch or res.checksum != expected[s]:
-            failures.append(
-                (
-                    s,
-                    f"{verb} epoch {res.epoch} checksum {res.checksum:#x}, expected epoch "
-                    f"{epoch} checksum {expected[s]:#x}",
-                    True,
-                )
+            reason = (
+                f"{verb} epoch {res.epoch} checksum {res.checksum:#x}, expected epoch "
+                f"{epoch} checksum {expected[s]:#x}"
             )
-    return failures
+            out.append((s, reason))
+    return out

@@ -43,6 +43,7 @@ class LocalBackend:
         self.specs = list(specs)
         self.sharding = sharding
         self.num_shards = len(self.specs)
+        self.started_shards = True
         self.layout: ShardLayout = self.specs[0].layout
         self._results: list[Result] = []
         self._arrays: dict[int, jax.Array] = {}  # assembled global arrays, until a change
@@ -74,8 +75,8 @@ class LocalBackend:
         self._arrays.clear()
         return [_call(s.reseed, b, generation) for s, b in zip(self.shards, states, strict=True)]
 
-    def export(self, generation: int) -> list[ShardBatch | None]:
-        return [s.export(generation) for s in self.shards]
+    def export(self, generations: Sequence[int]) -> list[ShardBatch | BaseException | None]:
+        return [_call(s.export, g) for s, g in zip(self.shards, generations, strict=True)]
 
     def group_array(self, group: int) -> jax.Array:
         if group not in self._arrays:

@@ -14,13 +14,14 @@ values. Anything else raises :class:`WireFormatError` before a single cell is wr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 
 from ..constants import MAX_PAGE_ID
-from ..errors import WireFormatError
+from ..errors import BatchTooLargeError, WireFormatError
 from . import kernels
 from .messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, Schedule, ShardBatch
 
@@ -48,15 +49,67 @@ _VALUE_ERRORS = {
 
 @dataclass(frozen=True)
 class WireLimits:
-    """What a shard can accept: its row count and each group's pages per row."""
+    """What a shard can accept: its row count, each group's pages per row, and the rows of
+    the whole table (every shard receives the whole KV copy plan).
+
+    The limits are the largest *legitimate* batch, not a guess: every row of the shard
+    rewritten to full width, a schedule, and per group a copy plan of one copy per page of
+    every row of the table (a plan's destinations are distinct pages given to moved rows,
+    so no commit of a correct coordinator can carry more). ``table_rows`` defaults to
+    ``num_rows`` (a table of one shard).
+    """
 
     num_rows: int
     widths: tuple[int, ...]
+    table_rows: int | None = None
+
+    @classmethod
+    def for_shard(cls, rows_per_shard: int, widths: Sequence[int], table_rows: int) -> WireLimits:
+        return cls(rows_per_shard, tuple(widths), table_rows)
+
+    def max_copies(self, group: int) -> int:
+        """KV copies group ``group``'s plan may hold: one per page of every table row."""
+        rows = self.num_rows if self.table_rows is None else self.table_rows
+        return rows * self.widths[group]
 
     @property
     def max_bytes(self) -> int:
-        per_group = [self.num_rows * 4 * (4 + w) + 256 for w in self.widths]
-        return 256 + sum(per_group) + 8 * self.num_rows + 64  # + a step's schedule
+        n = self.num_rows
+        rows = sum(n * 4 * (4 + w) + _GROUP_OVERHEAD for w in self.widths)
+        copies = sum(8 * self.max_copies(g) + _BIN_OVERHEAD for g in range(len(self.widths)))
+        schedule = 2 * (4 * n + _BIN_OVERHEAD)
+        return _MESSAGE_OVERHEAD + rows + schedule + copies
+
+    def check(self, batch: ShardBatch) -> None:
+        """Refuse ``batch`` (``BatchTooLargeError``) if it holds more than a shard accepts,
+        before it is encoded or sent: the coordinator's guard, so an oversized epoch is the
+        caller's error and never a shard failure."""
+        if len(batch.groups) != len(self.widths):
+            raise BatchTooLargeError(
+                f"a batch for shard {batch.shard} has {len(batch.groups)} groups, the shard "
+                f"{len(self.widths)}"
+            )
+        for g, (group, width) in enumerate(zip(batch.groups, self.widths, strict=True)):
+            if group.size > self.num_rows or group.pages.size > self.num_rows * width:
+                raise BatchTooLargeError(
+                    f"group {g} of the batch for shard {batch.shard} rewrites {group.size} rows "
+                    f"({group.pages.size} pages); a shard holds {self.num_rows} rows of {width}"
+                )
+        for g, plan in enumerate(batch.kv_copies):
+            copies = plan.shape[-1] if plan.ndim == 2 else plan.size
+            if copies > self.max_copies(g):
+                raise BatchTooLargeError(
+                    f"the KV copy plan of group {g} holds {copies} copies, more than the "
+                    f"{self.max_copies(g)} pages of every row of the table; copies pending "
+                    "for pages no row holds any more? commit fewer cross-shard moves per step"
+                )
+
+
+# Bytes of msgpack framing a message can add besides its arrays (map and bin headers, keys,
+# 64-bit ints), with room to spare; ``test_largest_message_fits_the_size_limit`` holds it.
+_MESSAGE_OVERHEAD = 256
+_GROUP_OVERHEAD = 64
+_BIN_OVERHEAD = 8
 
 
 # -- batches ----------------------------------------------------------------------------
@@ -193,6 +246,10 @@ def _decode_copies(msg: dict, limits: WireLimits) -> tuple[np.ndarray, ...]:
         if type(raw) is not bytes or len(raw) % 8:
             raise WireFormatError(f"copies of group {g} must be int32 (source, destination) pairs")
         plan = np.frombuffer(raw, dtype=_I32).reshape(2, -1)
+        if plan.shape[1] > limits.max_copies(g):
+            raise WireFormatError(
+                f"copies of group {g}: {plan.shape[1]} copies, over {limits.max_copies(g)}"
+            )
         if plan.size and plan.min() < 0:
             raise WireFormatError(f"copies of group {g}: page ids must be in 0..{MAX_PAGE_ID}")
         if np.unique(plan[1]).size != plan.shape[1]:
