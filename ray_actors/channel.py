@@ -236,6 +236,11 @@ class ShardServer:
         self._pending: OrderedDict[socket.socket, None] = OrderedDict()  # oldest first
         self._open: set[socket.socket] = set()
         self._closed = False
+        # A short accept queue on purpose: under a connection flood any queue stays full, and a
+        # new client waits backlog / accept rate in it. At SOMAXCONN (4096) every new client
+        # took 1-2.5 s (~3k accepts/s, 2 cores); at 64, 1-60 ms, or 1-2 s for the ~15% whose
+        # SYN the full queue dropped (the kernel resends it after 1 s, then 3 s). Measured
+        # with scripts/channel_flood.py.
         self._listener = socket.create_server((host, 0), backlog=64)
         self.address = self._listener.getsockname()[:2]
         self._thread = threading.Thread(target=self._accept, name="shard-channel", daemon=True)

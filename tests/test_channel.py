@@ -136,6 +136,27 @@ def repeat(lo: int, hi: int):
     return edit
 
 
+def bounce(lo: int, hi: int, other, other_lo: int, other_hi: int):
+    """An edit that holds back the stream's bytes ``[lo, hi)`` and sends in their place the
+    bytes ``[other_lo, other_hi)`` of the opposite direction (``other()`` returns the proxy's
+    record of it; the edit waits for them if they have not passed yet): a frame bounced
+    back at the side that sent it."""
+    done = []
+
+    def edit(offset, chunk, seen):
+        before = bytes(c for i, c in enumerate(chunk, offset) if i < lo)
+        after = bytes(c for i, c in enumerate(chunk, offset) if i >= hi)
+        if done or len(seen) < hi:
+            return before + after
+        done.append(True)
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(other()) < other_hi and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return before + bytes(other()[other_lo:other_hi]) + after
+
+    return edit
+
+
 def shape(server, secret) -> tuple[int, int]:
     """Measured on a recorded session: bytes a client sends to authenticate, and the bytes
     a frame adds to its payload."""
@@ -279,6 +300,54 @@ def test_replayed_and_dropped_frames_fail_their_sequence_number(served, secret):
     client.send(b"two")
     with pytest.raises(ChannelClosedError):
         client.recv(time.monotonic() + TIMEOUT_S)
+    assert handler.calls == [*calls, b"one"]
+
+
+def test_server_frame_reflected_to_the_server_fails_its_mac(served, secret):
+    server, handler = served
+    handshake, overhead = shape(server, secret)
+    calls = list(handler.calls)
+    # Server to client: challenge, "ok" (frame 0), "ack:one" (frame 1). Client to server:
+    # handshake, "one" (frame 0), "two" (frame 1). The proxy sends the server's frame 1 back
+    # to it in place of the client's frame 1: the same key and sequence number, so only the
+    # direction in its MAC tells it from a request.
+    reply_at = 4 + 32 + 32 + overhead + 2
+    reply = reply_at, reply_at + overhead + len(b"ack:one")
+    two_at = handshake + overhead + 3
+    proxy = Proxy(
+        server.address,
+        edit_c2s=bounce(two_at, two_at + overhead + 3, lambda: proxy.s2c, *reply),
+    )
+    client = ShardClient(proxy.address, secret, TIMEOUT_S)
+    round_trip(client, b"one")
+    assert bytes(proxy.s2c[reply[0] + 4 : reply[1] - 32]) == b"ack:one"  # the bounced frame
+    client.send(b"two")
+    with pytest.raises(ConnectionError):  # the server hung up: no reply to "ack:one"
+        client.recv(time.monotonic() + TIMEOUT_S)
+    assert handler.calls == [*calls, b"one"]
+
+
+def test_client_frame_reflected_to_the_client_fails_its_mac(served, secret):
+    server, handler = served
+    handshake, overhead = shape(server, secret)
+    calls = list(handler.calls)
+    # The client's frame 1 ("two") never reaches the server; the proxy sends it back in
+    # place of the server's frame 1 (the reply to "one"), which the client expects next.
+    two_at = handshake + overhead + 3
+    two = two_at, two_at + overhead + 3
+    reply_at = 4 + 32 + 32 + overhead + 2
+    proxy = Proxy(
+        server.address,
+        edit_c2s=cut(*two),
+        edit_s2c=bounce(reply_at, reply_at + overhead + 7, lambda: proxy.c2s, *two),
+    )
+    client = ShardClient(proxy.address, secret, TIMEOUT_S)
+    client.send(b"one")
+    client.send(b"two")
+    with pytest.raises(ChannelClosedError, match="MAC"):
+        client.recv(time.monotonic() + TIMEOUT_S)
+    assert client.broken
+    assert bytes(proxy.c2s[two[0] + 4 : two[1] - 32]) == b"two"  # the bounced frame
     assert handler.calls == [*calls, b"one"]
 
 
