@@ -19,8 +19,9 @@ A YAML file looks like::
 
 Unknown keys and bad values raise :class:`ConfigError` naming the key; every number is
 range-checked against what int32 tables and JAX meshes allow. The YAML is plain data: anchors,
-aliases, merge keys and duplicate keys are refused (naming the key and line), as are files
-over 64 KiB, non-UTF-8 text and syntax errors (:mod:`.yaml_loader`).
+aliases, merge keys, duplicate keys and YAML-1.1-only forms (octal ``040``, ``1_000``, ``yes``)
+are refused (naming the key and line), as are files over 64 KiB, non-UTF-8 text and syntax
+errors (:mod:`.yaml_loader`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ MAX_DEVICES = 4096  # devices in one mesh, and so shards and devices per shard
 MAX_MESH_AXES = 16
 MAX_GROUPS = 64  # page sizes, one device table each
 MAX_RECOVERIES = 1000  # the coordinator's own bound
+MIN_TIMEOUT_S = 0.001  # 1 ms, under one Ray call's round trip: a shorter one fails every call
 MAX_TIMEOUT_S = 86400.0  # one day: a longer call timeout is a typo, not a plan
+MIN_CPUS_PER_SHARD = 0.0001  # Ray's resource precision: Ray refuses a smaller nonzero share
 MAX_CPUS_PER_SHARD = 1024.0
 
 
@@ -60,17 +63,16 @@ def _positive_int(key: str, value: Any, hi: int = MAX_INT32) -> int:
     return _int_in(key, value, 1, hi)
 
 
-def _number_in(key: str, value: Any, lo: float, hi: float, *, lo_open: bool) -> float:
-    """A finite int or float in ``(lo, hi]`` (``lo_open``) or ``[lo, hi]``; NaN fails both
-    comparisons, infinities the bound."""
+def _number_in(key: str, value: Any, lo: float, hi: float, *, or_zero: bool = False) -> float:
+    """A finite int or float in ``[lo, hi]`` (or exactly 0 with ``or_zero``); NaN fails
+    every comparison, infinities the bounds."""
     ok = (
         not isinstance(value, bool)
         and isinstance(value, int | float)
-        and (lo < value if lo_open else lo <= value)
-        and value <= hi
+        and ((lo <= value <= hi) or (or_zero and value == 0))
     )
     if not ok:
-        where = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        where = f"0 or [{lo:g}, {hi:g}]" if or_zero else f"[{lo:g}, {hi:g}]"
         raise ConfigError(f"{key} must be a finite number in {where}, got {show(value)}")
     return value
 
@@ -134,7 +136,7 @@ class RayOptions:
             raise ConfigError(
                 f"ray.platform must be one of {_PLATFORMS}, got {show(self.platform)}"
             )
-        _number_in("ray.timeout_s", self.timeout_s, 0.0, MAX_TIMEOUT_S, lo_open=True)
+        _number_in("ray.timeout_s", self.timeout_s, MIN_TIMEOUT_S, MAX_TIMEOUT_S)
         if self.placement not in _PLACEMENTS:
             raise ConfigError(
                 f"ray.placement must be one of {_PLACEMENTS}, got {show(self.placement)}"
@@ -144,7 +146,11 @@ class RayOptions:
                 f"ray.namespace must be a non-empty string, got {show(self.namespace)}"
             )
         _number_in(
-            "ray.cpus_per_shard", self.cpus_per_shard, 0.0, MAX_CPUS_PER_SHARD, lo_open=False
+            "ray.cpus_per_shard",
+            self.cpus_per_shard,
+            MIN_CPUS_PER_SHARD,
+            MAX_CPUS_PER_SHARD,
+            or_zero=True,
         )
         if not isinstance(self.detached, bool):
             raise ConfigError(f"ray.detached must be true or false, got {show(self.detached)}")

@@ -1,14 +1,17 @@
 """Strict YAML for config files: plain data only, and bounded messages about it.
 
-:func:`load_yaml` refuses anchors, aliases, merge keys, duplicate keys and deep nesting
-(naming the key and line), files over ``MAX_FILE_BYTES``, non-UTF-8 text and syntax errors,
-each as a :class:`ConfigError` naming the file. :func:`show` and :func:`key_name` put any
-value into a message in at most 80 characters.
+:func:`load_yaml` refuses anchors, aliases, merge keys, duplicate keys, deep nesting and
+plain values that YAML 1.1 and 1.2 read differently (``040``, ``1_000``, ``yes``, ``1e3``:
+see :func:`version_trap`), naming the key and line; and files over ``MAX_FILE_BYTES``,
+non-UTF-8 text and syntax errors, each as a :class:`ConfigError` naming the file.
+:func:`show` and :func:`key_name` put any value into a message in at most 80 characters.
 """
 
 from __future__ import annotations
 
+import re
 import reprlib
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -49,6 +52,74 @@ class _Refused(yaml.MarkedYAMLError):
     """YAML that is valid but not accepted in a config (aliases, duplicate keys, ...)."""
 
 
+_TAG = "tag:yaml.org,2002:"
+_DECIMAL_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_OCTAL_1_1 = re.compile(r"[-+]?0[0-7_]+")
+_BOOLS_1_2 = frozenset(("true", "True", "TRUE", "false", "False", "FALSE"))
+# What a YAML 1.2 (core schema) reader takes as a number; PyYAML (YAML 1.1) reads some of
+# these as text: 1e3 (no dot), 1.5e3 (no exponent sign), 089, 0o17.
+_NUMBER_1_2 = re.compile(
+    r"[-+]?(?:[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+|(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?)"
+)
+_MAX_NUMBER_CHARS = 40  # longer plain text is not taken for a number (nor converted)
+
+
+def _float_text(value: float) -> str:
+    """``value`` written so that YAML 1.1 and 1.2 both read it as that float."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[repr(value)]
+    text = repr(value)
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    mantissa += "" if "." in mantissa else ".0"
+    return f"{mantissa}e{exponent if exponent[0] in '+-' else '+' + exponent}"
+
+
+def version_trap(node: yaml.ScalarNode, construct: Callable[[yaml.Node], Any]) -> str | None:
+    """Why a plain scalar must not be read as PyYAML reads it (``construct(node)``), or None.
+
+    PyYAML implements YAML 1.1, where ``040`` is octal 32, ``0b1010``, ``1_000`` and ``1:30``
+    (base 60) are integers and ``yes``/``on``/``off`` booleans, while a YAML 1.2 reader (and
+    most people) read ``040`` as 40 and the others as text; ``1e3`` is text in 1.1 and a
+    number in 1.2. A config must mean one thing to every reader: integers are plain decimal
+    (hex too, though both versions agree on it: no count needs it, and the rule stays one
+    line), booleans ``true``/``false``, floats without ``_`` or ``:``.
+    """
+    text, tag = node.value, node.tag[len(_TAG) :] if node.tag.startswith(_TAG) else ""
+    literal = key_name(text)  # as written, if short and printable
+    if tag == "int" and not _DECIMAL_INT.fullmatch(text):
+        value = show(construct(node))
+        if _OCTAL_1_1.fullmatch(text) and "_" not in text:
+            decimal = int(text) if len(text) <= _MAX_NUMBER_CHARS else "a decimal"
+            return (
+                f"{literal} has a leading zero: YAML 1.1 reads it as octal {value}, YAML 1.2 "
+                f"as {decimal}; write the number you mean in decimal, without the zero"
+            )
+        return f"{literal} is not a plain decimal integer (YAML 1.1 reads {value}); write {value}"
+    if tag == "float" and ("_" in text or ":" in text):
+        value = construct(node)
+        return f"{literal} is a number only in YAML 1.1 ({value!r}); write {_float_text(value)}"
+    if tag == "bool" and text not in _BOOLS_1_2:
+        return (
+            f"{literal} is a boolean only in YAML 1.1 ({construct(node)}), text in YAML 1.2; "
+            "write true or false (or quote it for text)"
+        )
+    if tag == "str" and len(text) <= _MAX_NUMBER_CHARS and _NUMBER_1_2.fullmatch(text):
+        digits = text.lstrip("+-")
+        if digits[:2] in ("0o", "0x"):
+            number = str(int(text, 0))
+        elif "." in text or "e" in text or "E" in text:
+            number = _float_text(float(text))
+        else:
+            number = str(int(text))
+        return (
+            f"{literal} is a number in YAML 1.2 but text in YAML 1.1; write {number} for the "
+            "number, or quote it for text"
+        )
+    return None
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses anchors, aliases, merge keys, duplicate keys and
     nesting deeper than ``MAX_DEPTH``, naming the key and line. Without aliases a document
@@ -82,7 +153,12 @@ class _ConfigLoader(yaml.SafeLoader):
                     problem=f"{self._where()}: nested deeper than {MAX_DEPTH} levels",
                     problem_mark=event.start_mark,
                 )
-            return super().compose_node(parent, index)
+            node = super().compose_node(parent, index)
+            if isinstance(node, yaml.ScalarNode) and node.style is None:  # plain, unquoted
+                trap = version_trap(node, self.construct_object)
+                if trap is not None:
+                    raise _Refused(problem=f"{self._where()}: {trap}", problem_mark=node.start_mark)
+            return node
         finally:
             self._path.pop()
 

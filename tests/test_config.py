@@ -501,3 +501,107 @@ def test_build_refuses_rows_that_do_not_split() -> None:
     cfg = TableConfig.from_dict({**BASE, "max_num_reqs": 60, "num_shards": 4, "warmup": False})
     with pytest.raises(ValueError, match="such as 64"):
         sp.ShardedPageTable.from_config(cfg)
+
+
+# --------------------------------------------------------------------------- YAML 1.1 forms
+
+# Plain scalars that YAML 1.1 (PyYAML) and YAML 1.2 read differently, or only 1.1 reads as a
+# number or bool: (YAML text after the base, the key and line named, what the message says).
+AMBIGUOUS = [
+    ("max_num_reqs: 040", "line 1: max_num_reqs: 040", "octal 32"),
+    ("max_num_reqs: 00", "line 1: max_num_reqs: 00", "leading zero"),
+    ("max_num_reqs: -040", "line 1: max_num_reqs: -040", "octal -32"),
+    ("max_num_reqs: 0b1000000", "line 1: max_num_reqs: 0b1000000", "write 64"),
+    ("max_num_reqs: 6_4", "line 1: max_num_reqs: 6_4", "write 64"),
+    ("max_num_reqs: 1:04", "line 1: max_num_reqs: 1:04", "write 64"),
+    ("max_num_reqs: 0x40", "line 1: max_num_reqs: 0x40", "write 64"),
+    ("page_sizes: [016]", "line 4: page_sizes[0]: 016", "octal 14"),
+    ("mesh: {data: 010}", "line 5: mesh.data: 010", "octal 8"),
+    ("ray:\n  devices_per_shard: 02", "line 6: ray.devices_per_shard: 02", "octal 2"),
+    ("ray: {timeout_s: 1_0.5}", "line 5: ray.timeout_s: 1_0.5", "write 10.5"),
+    ("ray: {timeout_s: '1:30.5'}", None, None),  # quoted: a string, refused as one
+    ("ray: {timeout_s: 1:30.5}", "line 5: ray.timeout_s: 1:30.5", "write 90.5"),
+    ("ray: {timeout_s: 1e-300}", "line 5: ray.timeout_s: 1e-300", "text in YAML 1.1"),
+    ("ray: {timeout_s: 1e3}", "line 5: ray.timeout_s: 1e3", "text in YAML 1.1"),
+    ("max_num_reqs: 089", "line 1: max_num_reqs: 089", "text in YAML 1.1"),
+    ("warmup: yes", "line 5: warmup: yes", "true or false"),
+    ("metrics: off", "line 5: metrics: off", "true or false"),
+    ("ray: {detached: On}", "line 5: ray.detached: On", "true or false"),
+    ("ray: {standby: NO}", "line 5: ray.standby: NO", "true or false"),
+]
+
+
+def _yaml_case(tmp_path, text: str) -> str:
+    """The base config with ``text`` in place of its line for the same key (line 1
+    max_num_reqs, line 4 page_sizes), else after it (from line 5)."""
+    lines = _BASE_TEXT.splitlines()
+    key = text.split(":", 1)[0]
+    same = [i for i, line in enumerate(lines) if line.startswith(key + ":")]
+    if same:
+        lines[same[0]] = text
+    else:
+        lines.append(text)
+    return write(tmp_path, "\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(("text", "where", "says"), AMBIGUOUS, ids=[t for t, _, _ in AMBIGUOUS])
+def test_yaml_1_1_only_forms_are_refused_naming_key_and_decimal(tmp_path, text, where, says):
+    path = _yaml_case(tmp_path, text)
+    if where is None:
+        refused_quickly(lambda: TableConfig.from_yaml(path), "ray.timeout_s must be")
+        return
+    msg = refused_quickly(lambda: TableConfig.from_yaml(path), where)
+    assert says in msg, msg
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_num_reqs: 64",
+        "max_num_reqs: +64",
+        "ray: {timeout_s: 1.5}",
+        "ray: {timeout_s: 1.0e+1}",
+        "ray: {timeout_s: 2.}",
+        "ray: {timeout_s: 0.010}",
+        "ray: {timeout_s: 5, cpus_per_shard: 0}",
+        "ray: {detached: true, name: x1e3}",
+        "warmup: False",
+        "ray: {name: '040', namespace: \"1e3\"}",  # quoted: strings as written
+    ],
+)
+def test_plain_decimal_numbers_and_true_false_are_read_as_before(tmp_path, text):
+    cfg = TableConfig.from_yaml(_yaml_case(tmp_path, text))
+    assert cfg.max_num_reqs == 64
+
+
+@pytest.mark.parametrize(
+    ("key", "ray"),
+    [
+        ("ray.timeout_s", {"timeout_s": 1e-300}),
+        ("ray.timeout_s", {"timeout_s": 5e-324}),
+        ("ray.timeout_s", {"timeout_s": 0.0009}),
+        ("ray.timeout_s", {"timeout_s": -0.0}),
+        ("ray.timeout_s", {"timeout_s": float("-inf")}),
+        ("ray.cpus_per_shard", {"cpus_per_shard": 1e-300}),
+        ("ray.cpus_per_shard", {"cpus_per_shard": 5e-5}),
+        ("ray.cpus_per_shard", {"cpus_per_shard": -0.5}),
+    ],
+)
+def test_tiny_timeouts_and_cpu_shares_are_refused(key, ray, tmp_path) -> None:
+    msg = refused_quickly(lambda: TableConfig.from_dict({**BASE, "ray": ray}), key)
+    assert "0.001" in msg or "0.0001" in msg, msg
+    path = write(tmp_path, _BASE_TEXT + f"ray: {{{next(iter(ray))}: {ray[next(iter(ray))]!r}}}\n")
+    refused_quickly(lambda: TableConfig.from_yaml(path), key)
+    with pytest.raises(ConfigError, match=key.split(".")[1]):
+        RayOptions(**ray)
+
+
+def test_yaml_tiny_timeout_literal(tmp_path) -> None:
+    path = write(tmp_path, _BASE_TEXT + "ray: {timeout_s: 1.0e-300}\n")
+    refused_quickly(lambda: TableConfig.from_yaml(path), "ray.timeout_s must be")
+
+
+def test_smallest_timeout_and_cpu_share_are_accepted() -> None:
+    ray = RayOptions(timeout_s=0.001, cpus_per_shard=0.0001)
+    assert (ray.timeout_s, ray.cpus_per_shard) == (0.001, 0.0001)
+    assert RayOptions(cpus_per_shard=0).cpus_per_shard == 0

@@ -208,3 +208,55 @@ def test_a_batch_with_every_optional_part_round_trips_the_wire(table):
         for a, b in zip(back.groups, m.groups, strict=True):
             for col in ("op", "row", "start", "count", "pages"):
                 np.testing.assert_array_equal(getattr(a, col), getattr(b, col))
+
+
+@pytest.mark.parametrize("holder", ["first", "last"])
+@pytest.mark.parametrize("op", ["move_row", "swap_row"])
+def test_a_page_held_by_the_first_or_last_row_of_its_shard_is_refused(table, holder, op):
+    """The rows searched for a page's holder are the whole shard, its last row included."""
+    fill(table)
+    tgt = 2 * RPS + 3  # shard 2, rows 2*RPS .. 3*RPS-1
+    row = 2 * RPS if holder == "first" else 3 * RPS - 1
+    held = pool(tgt) + 40
+    table.add_row([[held], []], row)
+    table.commit(ROWS)
+    before = state(table)
+    new = [[pool(tgt) + 30, held, pool(tgt) + 31], [pool(tgt) + 32]]  # row 0 holds 3 + 1
+    with pytest.raises(ValueError, match=f"page {held} \\(group 0\\) is held by live row {row}"):
+        if op == "move_row":
+            table.move_row(0, tgt, page_ids=new)
+        else:
+            table.swap_row(0, tgt, page_ids=([[], []], new))  # tgt is empty: row 0 gets none
+    after = state(table)
+    for x, y in zip(before, after, strict=True):
+        for a, b in zip(x, y, strict=True):
+            assert a.tobytes() == b.tobytes()
+    receipt = table.commit(ROWS)
+    assert not receipt.changed and receipt.kv_copies == ()
+
+
+def test_a_move_during_a_failed_epoch_copies_from_where_the_kv_still_is(table):
+    """A -> B (a KV copy) goes out with an epoch that fails; B -> C is made while it is in
+    flight. B never received A's KV, so the next epoch must fill both B and C from A."""
+    fill(table)
+    a, b, c = 0, RPS + 2, 2 * RPS + 2  # shards 0, 1, 2
+    a_pages = [[pool(a) + 1, pool(a) + 2, pool(a) + 3], [pool(a) + 4]]  # fill() gave row 0
+    b_pages = [[pool(b) + 20, pool(b) + 21, pool(b) + 22], [pool(b) + 23]]
+    c_pages = [[pool(c) + 30, pool(c) + 31, pool(c) + 32], [pool(c) + 33]]
+    table.move_row(a, b, page_ids=b_pages)
+    table._backend.shards[3].epoch = 99  # shard 3 refuses this epoch (wrong base)
+    table.commit(ROWS, wait=False)
+    table.move_row(b, c, page_ids=c_pages)  # while the epoch carrying A -> B is in flight
+    with pytest.raises(sp.ShardFailedError, match="shard 3"):
+        table.wait()
+    table.recover()
+    receipt = table.commit(ROWS)
+    for g in range(2):
+        want = {
+            d: s
+            for src, dst in ((a_pages, b_pages), (a_pages, c_pages))
+            for s, d in zip(src[g], dst[g], strict=True)
+        }
+        got = dict((d, s) for s, d in plans(receipt)[g])
+        assert got == want, f"group {g}"
+    assert table.device_snapshot(0)[c, :4].tolist() == [*c_pages[0], 0]

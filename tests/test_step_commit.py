@@ -122,3 +122,58 @@ def test_over_budget_shard_is_named():
         with pytest.raises(ValueError, match=r"shard 1 .*40 tokens, over its budget of 32"):
             t.commit(10, num_scheduled_tokens=sched, num_computed_tokens=np.zeros(10, np.int64))
         assert t.epoch == 0
+
+
+I64_MAX, U64_MAX = 2**63 - 1, 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("sched", "done", "match"),
+    [
+        # The int64 sum of these wraps negative: once accepted, publishing position -1.
+        ([1, 0], [I64_MAX, 0], f"num_computed_tokens of row 0 is {I64_MAX}"),
+        ([0, 1], [0, I64_MAX], f"num_computed_tokens of row 1 is {I64_MAX}"),
+        (
+            np.array([1, 0], np.int64),
+            np.array([I64_MAX, 0], np.int64),
+            f"num_computed_tokens of row 0 is {I64_MAX}",
+        ),
+        (
+            np.array([1, 0], np.uint64),
+            np.array([2**63 - 1, 0], np.uint64),
+            f"num_computed_tokens of row 0 is {I64_MAX}",
+        ),
+        ([2**62, 0], [2**62, 0], f"num_scheduled_tokens of row 0 is {2**62}"),
+        ([1, 0], [2**31, 0], f"num_computed_tokens of row 0 is {2**31}"),
+        # past int64: refused before any arithmetic
+        ([1, 0], [2**64 + 1, 0], str(2**64 + 1)),
+        ([1, 0], [2**64 - 1, 0], str(U64_MAX)),
+        (np.array([1, 0], np.uint64), np.array([U64_MAX, 0], np.uint64), str(U64_MAX)),
+        ([1, 0], [np.uint64(U64_MAX), 0], str(U64_MAX)),
+    ],
+)
+def test_schedules_past_int32_are_refused_and_publish_nothing(sched, done, match):
+    """Positions are published as int32: a count past it (or a sum that wraps int64) is
+    refused, naming the row and value; epoch, devices, step inputs and mirror stay as they
+    were, and the pending change publishes on the next commit."""
+    with make(2, backend="local") as t:
+        t.add_row([[1, 2], [3]], 0)
+        t.add_row([[4], [5]], 1)
+        t.commit(2, num_scheduled_tokens=[1, 1], num_computed_tokens=[0, 0])
+        t.append_row([[9], []], 1)
+        epoch, step = t.epoch, t.step_snapshot()
+        devices = [t.device_snapshot(g) for g in range(2)]
+        mirror = [(t[g].get_cpu_tensor().copy(), t[g].num_pages_per_row.copy()) for g in range(2)]
+        with pytest.raises(ValueError, match=match):
+            t.commit(2, num_scheduled_tokens=sched, num_computed_tokens=done)
+        assert t.epoch == epoch
+        after = t.step_snapshot()
+        for name in ("token_rows", "positions", "kv_lens", "cu_q_lens"):
+            np.testing.assert_array_equal(getattr(after, name), getattr(step, name))
+        for g in range(2):
+            np.testing.assert_array_equal(t.device_snapshot(g), devices[g])
+            np.testing.assert_array_equal(t[g].get_cpu_tensor(), mirror[g][0])
+            np.testing.assert_array_equal(t[g].num_pages_per_row, mirror[g][1])
+        t.commit(2)
+        assert t.epoch == epoch + 1
+        assert t.device_snapshot(0)[1, :2].tolist() == [4, 9]

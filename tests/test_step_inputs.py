@@ -232,3 +232,38 @@ def test_check_schedule_names_the_second_shard() -> None:
     counts = [np.array([0, 0, 4, 4])]
     with pytest.raises(ValueError, match=r"shard 1 \(rows 2..3\) schedules 6 tokens"):
         check_schedule(counts, [0, 0, 3, 3], [0, 0, 0, 0], 4, (4,), 2, 5)
+
+
+I64_MAX, U64_MAX = 2**63 - 1, 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # The int64 sum of these wraps negative; it once came out as done = -1 (int32).
+        ({"done": [I64_MAX, 2]}, f"num_computed_tokens of row 0 is {I64_MAX}"),
+        ({"sched": [2**62, 1], "done": [2**62, 2]}, f"num_scheduled_tokens of row 0 is {2**62}"),
+        ({"done": np.array([4, I64_MAX], np.int64)}, f"num_computed_tokens of row 1 is {I64_MAX}"),
+        ({"done": np.array([4, I64_MAX], np.uint64)}, f"num_computed_tokens of row 1 is {I64_MAX}"),
+        ({"done": [2**31, 2]}, f"num_computed_tokens of row 0 is {2**31}"),
+        ({"sched": [3, 2**31]}, f"num_scheduled_tokens of row 1 is {2**31}"),
+        ({"done": [2**64 + 3, 2]}, str(2**64 + 3)),
+        ({"done": np.array([4, U64_MAX], np.uint64)}, str(U64_MAX)),
+        ({"sched": [np.uint64(U64_MAX), 1]}, str(U64_MAX)),
+        # each fits int32, the sum does not
+        ({"sched": [2**31 - 1, 1], "done": [1, 2]}, "row 0 needs 2147483648 tokens"),
+    ],
+)
+def test_check_schedule_refuses_what_int32_cannot_hold(change: dict, message: str) -> None:
+    args = schedule_args(**change)
+    inputs = [np.array(v, copy=True) for v in (args["sched"], args["done"])]
+    with pytest.raises(ValueError, match=message):
+        check_schedule(**args)
+    for given, kept in zip((args["sched"], args["done"]), inputs, strict=True):
+        np.testing.assert_array_equal(np.asarray(given), kept)  # the caller's values untouched
+
+
+def test_check_schedule_accepts_int32_max() -> None:
+    counts = [np.array([2**31 // 4, 0, 0, 0])]
+    s = check_schedule(counts, [0], [2**31 - 1], 1, (4,), 2, 4)
+    assert s.done.tolist() == [2**31 - 1, 0, 0, 0] and s.done.dtype == np.int32

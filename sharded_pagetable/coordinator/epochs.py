@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..constants import MAX_GENERATION
 from ..routing.layout import ShardLayout
 from ..shard import checksum
 from ..shard.messages import GroupBatch, Schedule, ShardBatch
@@ -62,8 +63,26 @@ def expected_after(
 
 def new_generation(above: int) -> int:
     """A coordinator generation greater than ``above``: a counter in the high 32 bits and 32
-    random bits, so two coordinators taking over at once still differ."""
-    return ((((above >> 32) + 1) & 0xFFFFFFFF) << 32) | secrets.randbits(32)
+    random bits, so two coordinators taking over at once still differ.
+
+    Raises ``ValueError`` if ``above`` is not a generation (an int in ``0..MAX_GENERATION``)
+    or holds the last counter: wrapping to 0 would give a lower generation, one every shard
+    refuses. A fence moves a shard's counter by at most ``GENERATION_STEP`` (a new shard's
+    to ``MAX_FIRST_COUNTER``), so only some 2**31 / 2**16 runaway fences could get there.
+    """
+    if type(above) is not int:
+        raise ValueError(f"a generation must be an int, got {type(above).__name__}")
+    if not 0 <= above <= MAX_GENERATION:
+        shown = above if above.bit_length() <= 80 else f"of {above.bit_length()} bits"
+        raise ValueError(f"generation {shown} is not in 0..2**64-1")
+    counter = (above >> 32) + 1
+    if counter > MAX_GENERATION >> 32:
+        raise ValueError(
+            f"the shards obey generation {above:#x}, whose take-over counter is the last one: "
+            "the generation counter is exhausted and no coordinator can take them over; start "
+            "the table on new shard processes"
+        )
+    return (counter << 32) | secrets.randbits(32)
 
 
 def published_states(

@@ -1,8 +1,9 @@
 """Row operations of a sharded table with KV-local page pools (``pages_per_shard``).
 
-Every row operation first checks that each page id it would give a row lies in that row's
-shard's pool (:class:`~sharded_pagetable.routing.pools.PagePools`), then runs the ordinary
-operation; a refused call changes nothing. Without pools they are the ordinary ones.
+Every row operation checks that each page id it would give a row lies in that row's shard's
+pool (:class:`~sharded_pagetable.routing.pools.PagePools`), on the same validated copy of the
+caller's ids that it writes (``_check_ids``); a refused call changes nothing. Without pools
+they are the ordinary ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from ..routing.pools import PagePools
 from ..table.host import HostRows, PageIds
 from ..table.row_ops import MultiGroupRowOps
-from ..table.validation import check_list, group_lists
+from ..table.validation import group_lists
 from .view import synchronized, when_open
 
 
@@ -23,12 +24,13 @@ class PooledRowOps(MultiGroupRowOps):
 
     _pools: PagePools | None = None
 
-    def _check_pool(self, row_idx: object, page_ids: object) -> None:
-        """Refuse page ids outside the row's pool (after the checks every row op makes)."""
-        hosts = self._hosts
-        row = hosts[0].check_row(row_idx)
-        for g, (host, ids) in enumerate(zip(hosts, group_lists(page_ids, len(hosts)), strict=True)):
-            self._pools.check(row, host.check_ids(ids), g)
+    def _check_ids(self, group: int, row: int, page_ids: object) -> PageIds:
+        """The validated copy of the ids (see :class:`MultiGroupRowOps`), refused unless
+        each lies in ``row``'s pool: checked on the very copy the row op then writes."""
+        ids = super()._check_ids(group, row, page_ids)
+        if self._pools is not None:
+            self._pools.check(row, ids, group)
+        return ids
 
     def _refuse_crossing(self, op: str, src: object, tgt: object) -> None:
         """With pools, a row cannot keep its page ids on another shard."""
@@ -47,27 +49,6 @@ class PooledRowOps(MultiGroupRowOps):
             pool_a = pools.pool_of_row(a)
             msg += f", and row {a} needs {need_b} per group of [{pool_a.start}, {pool_a.stop})"
         raise ValueError(msg + "; a row may only point at pages its own shard holds")
-
-    def append_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
-        if self._pools is not None:
-            self._check_pool(row_idx, page_ids)
-        super().append_row(page_ids, row_idx)
-
-    def add_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
-        if self._pools is not None:
-            self._check_pool(row_idx, page_ids)
-        super().add_row(page_ids, row_idx)
-
-    def append_rows_batch(
-        self, page_ids_per_req: Sequence[Sequence[PageIds]], req_indices: Sequence[int]
-    ) -> None:
-        if self._pools is not None:
-            per_req = check_list(page_ids_per_req, "page_ids_per_req")
-            rows = check_list(req_indices, "req_indices")
-            if len(per_req) == len(rows):
-                for row, page_ids in zip(rows, per_req, strict=True):
-                    self._check_pool(row, page_ids)
-        super().append_rows_batch(page_ids_per_req, req_indices)
 
     def move_row(self, src: int, tgt: int, page_ids: Sequence[PageIds] | None = None) -> None:
         """Copy row ``src`` onto ``tgt`` (``src`` keeps its pages). With ``page_ids``
@@ -101,12 +82,13 @@ class PooledRowOps(MultiGroupRowOps):
             return super().swap_row(src, tgt)
         hosts = self._hosts
         a, b = hosts[0].check_row(src, "src"), hosts[0].check_row(tgt, "tgt")
-        if not isinstance(page_ids, tuple | list) or len(page_ids) != 2:
+        pair = list(page_ids) if isinstance(page_ids, tuple | list) else None  # read once
+        if pair is None or len(pair) != 2:
             raise ValueError("swap_row page_ids must be a pair (pages for src, pages for tgt)")
         if a == b:
             raise ValueError(f"swap_row({a}, {b}) with page_ids swaps a row with itself")
-        for_a = self._check_new_pages(a, page_ids[0], [h.counts.item(b) for h in hosts])
-        for_b = self._check_new_pages(b, page_ids[1], [h.counts.item(a) for h in hosts])
+        for_a = self._check_new_pages(a, pair[0], [h.counts.item(b) for h in hosts])
+        for_b = self._check_new_pages(b, pair[1], [h.counts.item(a) for h in hosts])
         for g, (host, x, y) in enumerate(zip(hosts, for_a, for_b, strict=True)):
             both = set(x) & set(y)
             if both:
@@ -131,8 +113,9 @@ class PooledRowOps(MultiGroupRowOps):
         distinct ids per group, in the row's pool, held by no other live row."""
         hosts = self._hosts
         out = []
-        for g, (host, ids) in enumerate(zip(hosts, group_lists(page_ids, len(hosts)), strict=True)):
-            ids = [int(p) for p in host.check_ids(ids)]
+        for g, ids in enumerate(group_lists(page_ids, len(hosts))):
+            host = hosts[g]
+            ids = [int(p) for p in self._check_ids(g, row, ids)]  # in range and in the pool
             if len(ids) != need[g]:
                 raise ValueError(
                     f"row {row} needs exactly {need[g]} new pages in group {g} (as many as the "
@@ -141,8 +124,6 @@ class PooledRowOps(MultiGroupRowOps):
             if len(set(ids)) != len(ids):
                 dup = next(p for p in ids if ids.count(p) > 1)
                 raise ValueError(f"page {dup} appears twice in row {row}'s new pages (group {g})")
-            if self._pools is not None:
-                self._pools.check(row, ids, g)
             busy = host.copy_sources() & set(ids)
             if busy:
                 raise ValueError(

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from ..constants import PAGE_TABLE_PADDING_VAL
+from ..constants import (
+    GENERATION_STEP,
+    MAX_FIRST_COUNTER,
+    MAX_GENERATION,
+    PAGE_TABLE_PADDING_VAL,
+)
 from ..errors import FencedError, WireFormatError
 from ..routing.layout import ShardLayout
 from . import checksum, kernels
@@ -147,9 +152,31 @@ class Shard:
 
     def fence(self, generation: int) -> Ack:
         """Obey the coordinator of ``generation`` from now on: commits, rollbacks, re-seeds
-        and exports of any other generation are refused. A lower generation is refused."""
+        and exports of any other generation are refused.
+
+        A lower generation raises ``FencedError``. ``WireFormatError`` refuses one that is
+        not an int in ``0..MAX_GENERATION`` (no ack could carry it) or whose take-over
+        counter jumps more than ``GENERATION_STEP`` past this shard's (``MAX_FIRST_COUNTER``
+        for a shard that obeys no coordinator yet): one call must not use up the counters
+        later take-overs need. A refused fence changes nothing.
+        """
+        if type(generation) is not int:
+            raise WireFormatError(f"generation must be an int, got {type(generation).__name__}")
+        if not 0 <= generation <= MAX_GENERATION:
+            shown = f"{generation:#x}" if generation.bit_length() <= 80 else "out of range"
+            raise WireFormatError(
+                f"generation {shown} ({generation.bit_length()} bits) is not in 0..2**64-1"
+            )
         if generation < self.generation:
             raise FencedError(generation, self.generation)
+        counter, own = generation >> 32, self.generation >> 32
+        limit = own + GENERATION_STEP if self.generation else MAX_FIRST_COUNTER
+        if counter > limit:
+            raise WireFormatError(
+                f"generation {generation:#x} jumps shard {self.spec.shard_id}'s take-over "
+                f"counter from {own} to {counter}; a fence may raise it to {limit} at most "
+                "(a take-over adds 1)"
+            )
         self.generation = generation
         return self._ack(0, applied=False)
 

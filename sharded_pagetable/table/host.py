@@ -97,15 +97,21 @@ class HostRows:
         return check_index(row, self.num_rows, what)
 
     def check_ids(self, page_ids: object) -> PageIds:
-        """Validated page ids: the caller's list when it is plain in-range ints, else an
-        ``i32`` array (or the error naming the bad id)."""
+        """Validated page ids, always a copy read once from ``page_ids``: a list when they
+        are plain in-range ints, else an ``i32`` array (or the error naming the bad id).
+
+        Write the copy, never the caller's list: another of its threads may change that
+        list once it is checked (a -7 once reached the devices that way).
+        """
         if type(page_ids) is list:
+            ids = page_ids.copy()  # one C-level call under the GIL: a consistent snapshot
             hi = self.max_id
-            for p in page_ids:
+            for p in ids:
                 if type(p) is not int or not 0 <= p <= hi:
                     break
             else:
-                return page_ids
+                return ids
+            page_ids = ids
         return page_id_array(page_ids, self.num_pages)
 
     def check_room(self, row: int, extra: int, count: int | None = None) -> None:

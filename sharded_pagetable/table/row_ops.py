@@ -1,8 +1,10 @@
 """Multi-group row operations shared by the single-process and the sharded table.
 
 Each public method validates its whole call across every KV-cache group before it writes
-anything, so a refused call leaves every group exactly as it was. Subclasses provide
-``_hosts`` (one :class:`HostRows` per group) and the side-effect point, ``commit``.
+anything, so a refused call leaves every group exactly as it was. It reads each of the
+caller's lists once, into the copies it validates and then writes (``_check_ids``), so a
+list another thread changes meanwhile cannot put an unchecked id in the table. Subclasses
+provide ``_hosts`` (one :class:`HostRows` per group) and the side-effect point, ``commit``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 
 from .host import HostRows, PageIds
 from .slot_mapping import compute_slot_mapping
-from .validation import check_index, check_list, group_lists
+from .validation import check_index, check_list, group_lists, read_once
 
 
 class MultiGroupRowOps:
@@ -25,12 +27,20 @@ class MultiGroupRowOps:
     def num_groups(self) -> int:
         return len(self._hosts)
 
+    def _check_ids(self, group: int, row: int, page_ids: object) -> PageIds:
+        """Group ``group``'s page ids for ``row``: read once into the validated copy that
+        is then written, so what was checked is what the table holds even if the caller's
+        list changes meanwhile. Subclasses extend this with checks of their own (page
+        pools) on that same copy, never on a second read of the caller's list."""
+        return self._hosts[group].check_ids(page_ids)
+
     def _check_groups(self, page_ids: object, row: int, *, replace: bool) -> list[PageIds]:
-        per_group = group_lists(page_ids, len(self._hosts))
+        """Every group's validated copy of ``page_ids[g]`` for ``row``, with room for them
+        (in place of the row's pages with ``replace``, else after them)."""
         checked = []
-        for host, ids in zip(self._hosts, per_group, strict=True):
-            ids = host.check_ids(ids)
-            host.check_room(row, len(ids), 0 if replace else None)
+        for g, ids in enumerate(group_lists(page_ids, len(self._hosts))):
+            ids = self._check_ids(g, row, ids)
+            self._hosts[g].check_room(row, len(ids), 0 if replace else None)
             checked.append(ids)
         return checked
 
@@ -38,12 +48,14 @@ class MultiGroupRowOps:
         """Append ``page_ids[g]`` to row ``row_idx`` of every group ``g``."""
         hosts = self._hosts
         row = hosts[0].check_row(row_idx)
-        if type(page_ids) is list and len(page_ids) == len(hosts):
-            checked = [host.check_ids(ids) for host, ids in zip(hosts, page_ids)]  # noqa: B905
+        groups = page_ids.copy() if type(page_ids) is list else None  # the hot path
+        if groups is not None and len(groups) == len(hosts):
+            check = self._check_ids
+            checked = [check(g, row, ids) for g, ids in enumerate(groups)]
             for host, ids in zip(hosts, checked):  # noqa: B905
                 host.check_room(row, len(ids))
         else:
-            checked = self._check_groups(page_ids, row, replace=False)
+            checked = self._check_groups(page_ids if groups is None else groups, row, replace=False)
         for host, ids in zip(hosts, checked, strict=True):
             host.append(row, ids)
 
@@ -81,8 +93,11 @@ class MultiGroupRowOps:
 
         A row named twice receives both appends in order; capacity is checked for the total.
         """
-        page_ids_per_req = check_list(page_ids_per_req, "page_ids_per_req")
-        req_indices = check_list(req_indices, "req_indices")
+        # Both outer lists are read once, like each list of ids below.
+        page_ids_per_req = read_once(
+            check_list(page_ids_per_req, "page_ids_per_req"), "page_ids_per_req"
+        )
+        req_indices = read_once(check_list(req_indices, "req_indices"), "req_indices")
         if len(page_ids_per_req) != len(req_indices):
             raise ValueError(
                 f"append_rows_batch got {len(page_ids_per_req)} page-id lists for "
@@ -93,13 +108,12 @@ class MultiGroupRowOps:
         extra: dict[tuple[int, int], int] = {}
         checked: list[list[PageIds]] = []
         for row, per_group in zip(rows, page_ids_per_req, strict=True):
-            per_group = group_lists(per_group, len(self._hosts))
             ids_row = []
-            for g, (host, ids) in enumerate(zip(self._hosts, per_group, strict=True)):
-                ids = host.check_ids(ids)
+            for g, ids in enumerate(group_lists(per_group, len(self._hosts))):
+                ids = self._check_ids(g, row, ids)
                 key = (g, row)
                 total = extra.get(key, 0) + len(ids)
-                host.check_room(row, total)
+                self._hosts[g].check_room(row, total)
                 extra[key] = total
                 ids_row.append(ids)
             checked.append(ids_row)

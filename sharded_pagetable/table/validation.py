@@ -138,10 +138,22 @@ def _array_ids(page_ids: np.ndarray) -> np.ndarray:
     return arr.copy()
 
 
+def read_once(values: Sequence | np.ndarray, what: str) -> list:
+    """The items of ``values`` as a new list, read in one pass: every later check and write
+    sees these, whatever the caller's sequence holds by then. A sequence that cannot be
+    read (its ``__iter__`` or ``__len__`` raises ``TypeError``) is a ``ValueError``."""
+    try:
+        return list(values)
+    except TypeError as exc:
+        raise ValueError(
+            f"{what} could not be read as a list ({type(values).__name__}): {exc}"
+        ) from None
+
+
 def int_items(values: Sequence, what: str) -> list[int]:
     """The items of a sequence as Python ints, read in one pass (bools and anything that is
     not an integer raise ``ValueError``; values are not range-checked)."""
-    items = list(values)
+    items = read_once(values, what)
     for v in items:
         if _not_an_int(v):
             raise ValueError(f"{what} must be integers, got {describe(v)} ({type(v).__name__})")
@@ -157,14 +169,16 @@ def check_capacity(row: int, count: int, extra: int, capacity: int) -> None:
         )
 
 
-def group_lists(page_ids: object, num_groups: int) -> Sequence | np.ndarray:
-    """Check the outer ``[group]`` level of a ``[group][pages]`` argument."""
-    page_ids = check_list(page_ids, "page ids (one list per KV-cache group)")
-    if len(page_ids) != num_groups:
+def group_lists(page_ids: object, num_groups: int) -> list:
+    """The outer ``[group]`` level of a ``[group][pages]`` argument, read once into a new
+    list of ``num_groups`` items (each group's ids are checked by its own table)."""
+    what = "page ids (one list per KV-cache group)"
+    groups = read_once(check_list(page_ids, what), what)
+    if len(groups) != num_groups:
         raise ValueError(
-            f"page ids name {len(page_ids)} groups but the table has {num_groups} KV-cache groups"
+            f"page ids name {len(groups)} groups but the table has {num_groups} KV-cache groups"
         )
-    return page_ids
+    return groups
 
 
 def int_vector(values: object, what: str) -> np.ndarray:
@@ -177,7 +191,7 @@ def int_vector(values: object, what: str) -> np.ndarray:
     if isinstance(values, np.ndarray):
         arr = values
     else:
-        values = list(values)  # ours: every pass below reads the same items
+        values = read_once(values, what)  # ours: every pass below reads the same items
         if {*map(type, values)} - {int}:  # one C-level pass; the per-item check only if needed
             values = int_items(values, what)
         try:
