@@ -69,6 +69,8 @@ class InstantShards:
     makes are served.
     """
 
+    started_shards = True
+
     def __init__(self, num_shards: int, generation: int) -> None:
         self.num_shards = num_shards
         self.generation = generation

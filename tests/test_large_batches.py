@@ -193,3 +193,26 @@ def test_largest_epoch_commits_on_ray(local_ray, channel):
         assert receipt.epoch == 3
     finally:
         t.close()
+
+
+def test_copies_into_pages_no_row_holds_never_outgrow_the_plan():
+    """Moving a row onto new pages and clearing the target again, over and over before a
+    commit, leaves copies into pages nobody holds; the plan drops them once it would hold
+    more copies than the table has cells, so the epoch still fits and still commits."""
+    rows, width = 16, 2  # 2 shards of 8 rows; 2 pages per row: at most 32 copies per plan
+    t = sp.ShardedPageTable(rows, width * 16, 64, (16,), num_shards=2, pages_per_shard=512)
+    try:
+        src_pages = list(range(width))  # row 0, shard 0's pool
+        t.add_row([src_pages], 0)
+        t.commit(rows)
+        last = []
+        for i in range(20):  # 20 x 2 = 40 copies pending, 8 more than the table's cells
+            last = [512 + width * i + j for j in range(width)]  # shard 1's pool
+            t.move_row(0, 8, page_ids=[last])
+            if i < 19:
+                t.clear_row(8)
+        receipt = t.commit(rows)
+        np.testing.assert_array_equal(receipt.kv_copies[0], [src_pages, last])
+        assert t.device_snapshot(0)[8].tolist() == last
+    finally:
+        t.close()

@@ -100,8 +100,7 @@ class WireLimits:
             if copies > self.max_copies(g):
                 raise BatchTooLargeError(
                     f"the KV copy plan of group {g} holds {copies} copies, more than the "
-                    f"{self.max_copies(g)} pages of every row of the table; copies pending "
-                    "for pages no row holds any more? commit fewer cross-shard moves per step"
+                    f"{self.max_copies(g)} pages of every row of the table that a shard accepts"
                 )
 
 

@@ -243,12 +243,25 @@ class HostRows:
         return set(self._copies.values())
 
     def copy_plan(self) -> np.ndarray:
-        """``i32[2, K]`` pending KV copies (source page, destination page), by destination."""
+        """``i32[2, K]`` pending KV copies (source page, destination page), by destination.
+
+        A plan never holds more copies than the table has cells (what a shard accepts, see
+        ``WireLimits``): past that, some copies land in pages no row holds any more (a row
+        moved onto new pages, then cleared or moved again before a commit), and those are
+        dropped: no attention reads them."""
         if not self._copies:
             return _NO_COPIES
+        if len(self._copies) > self.table.size:
+            self._drop_unheld_copies()
         dst = np.array(sorted(self._copies), dtype=np.int32)
         src = np.array([self._copies[d] for d in dst.tolist()], dtype=np.int32)
         return np.stack([src, dst])
+
+    def _drop_unheld_copies(self) -> None:
+        held = self.table[np.arange(self.capacity)[None, :] < self.counts[:, None]]
+        dst = np.fromiter(self._copies, np.int64, len(self._copies))
+        for page in dst[~np.isin(dst, held)].tolist():
+            del self._copies[page]
 
     def publish(self, batch: GroupBatch, terms: np.ndarray | None = None) -> Unpublish:
         """Take ``batch`` (with the copy plan) as published from now on: its rows are clean,
