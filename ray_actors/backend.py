@@ -19,7 +19,7 @@ from sharded_pagetable.errors import (
     ShardFailedError,
     WireFormatError,
 )
-from sharded_pagetable.shard.messages import Ack, Refusal, ShardBatch
+from sharded_pagetable.rows.messages import Ack, Refusal, ShardBatch
 from sharded_pagetable.shard.shard import ShardSpec
 from sharded_pagetable.shard.wire import WireLimits, decode, decode_reply, encode
 

@@ -129,7 +129,7 @@ class ShardActor:
 
     def _refusal(self, exc: Exception):
         from sharded_pagetable.errors import FencedError, WireFormatError
-        from sharded_pagetable.shard.messages import Refusal
+        from sharded_pagetable.rows.messages import Refusal
 
         text = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, FencedError):

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from sharded_pagetable.shard.device import _put_cells_groups, _put_cells_loop  # noqa: E402
+from sharded_pagetable.rows.device import _put_cells_groups, _put_cells_loop  # noqa: E402
 
 
 def fused_program(mesh: Mesh, groups: int):

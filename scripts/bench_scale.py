@@ -48,8 +48,8 @@ import bench_sharded  # noqa: E402  (scripts/: the same Ray tables)
 
 import sharded_pagetable as sp  # noqa: E402
 from sharded_pagetable.coordinator.epochs import expected_after, shard_messages  # noqa: E402
+from sharded_pagetable.rows.messages import Ack, ShardBatch  # noqa: E402
 from sharded_pagetable.shard import wire  # noqa: E402
-from sharded_pagetable.shard.messages import Ack, ShardBatch  # noqa: E402
 
 ROWS, MAX_LEN, PAGE_SIZES, BUDGET = 4096, 32768, (16, 64), 8192
 GROWS = (80, 20)  # row-groups appended per commit in each group (~1/page_size of 4096 rows)

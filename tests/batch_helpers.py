@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from sharded_pagetable.shard import kernels
-from sharded_pagetable.shard.checksum import GroupConsts
-from sharded_pagetable.shard.messages import GroupBatch
+from sharded_pagetable.rows import kernels
+from sharded_pagetable.rows.checksum import GroupConsts
+from sharded_pagetable.rows.messages import GroupBatch
 from sharded_pagetable.shard.shard import check_appends
 
 

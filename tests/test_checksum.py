@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from sharded_pagetable.constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL
 from sharded_pagetable.routing.layout import ShardLayout
 from sharded_pagetable.routing.mesh import build_mesh, row_sharding
-from sharded_pagetable.shard import checksum
-from sharded_pagetable.shard.messages import OP_APPEND, OP_CLEAR, OP_SET, GroupBatch, ShardBatch
+from sharded_pagetable.rows import checksum
+from sharded_pagetable.rows.messages import OP_APPEND, OP_CLEAR, OP_SET, GroupBatch, ShardBatch
 from sharded_pagetable.shard.shard import Shard, ShardSpec
 from sharded_pagetable.shard.wire import encode
 

@@ -23,7 +23,7 @@ from sharded_pagetable.coordinator.epochs import new_generation
 from sharded_pagetable.errors import FencedError, WireFormatError
 from sharded_pagetable.routing.layout import ShardLayout
 from sharded_pagetable.routing.mesh import build_mesh, row_sharding
-from sharded_pagetable.shard.messages import GroupBatch, ShardBatch
+from sharded_pagetable.rows.messages import GroupBatch, ShardBatch
 from sharded_pagetable.shard.shard import Shard, ShardSpec
 from sharded_pagetable.shard.wire import decode_reply, encode_reply
 

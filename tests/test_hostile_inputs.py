@@ -28,7 +28,7 @@ from invariants import (
 )
 
 import sharded_pagetable as sp
-from sharded_pagetable.shard.messages import ShardBatch
+from sharded_pagetable.rows.messages import ShardBatch
 from sharded_pagetable.shard.wire import WireLimits, decode, encode
 
 R, MAX_LEN, TOKENS, PAGE_SIZES = 16, 256, 64, (16, 64)

@@ -14,7 +14,7 @@ import pytest
 
 import sharded_pagetable as sp
 from sharded_pagetable.constants import MAX_PAGE_ID, OP_SET
-from sharded_pagetable.shard.messages import GroupBatch, Schedule, ShardBatch
+from sharded_pagetable.rows.messages import GroupBatch, Schedule, ShardBatch
 from sharded_pagetable.shard.wire import WireLimits, decode, encode
 
 ROWS, MAX_LEN, PAGE_SIZES, SHARDS = 16, 1024, (16, 64), 2

@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"sharded_pagetable.constants", "sharded_pagetable.errors"},
     {"sharded_pagetable.routing", "sharded_pagetable.yaml_loader"},
-    {"sharded_pagetable.shard", "sharded_pagetable.config"},
+    {"sharded_pagetable.rows", "sharded_pagetable.config"},
     {"sharded_pagetable.table"},
+    {"sharded_pagetable.shard"},
     {"sharded_pagetable.serving"},
     {"ray_actors"},
     {"sharded_pagetable.coordinator"},
@@ -104,3 +105,17 @@ def test_the_library_never_imports_its_testing_helpers():
         )
     ]
     assert not offenders, offenders
+
+
+def test_the_single_process_table_stands_on_the_row_mechanics_alone():
+    """``table/`` (the single-process table) imports no shard or coordinator code: what it
+    shares with the shards lives in ``rows/``, below both."""
+    mods = modules()
+    wrong = [
+        f"{name} imports {dep}"
+        for name, path in mods.items()
+        if name.startswith("sharded_pagetable.table")
+        for dep in imports_of(name, path, set(mods))
+        if dep.startswith(("sharded_pagetable.shard", "sharded_pagetable.coordinator"))
+    ]
+    assert not wrong, "\n".join(wrong)

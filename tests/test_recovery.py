@@ -14,8 +14,8 @@ from reference_model import ReferenceModel
 
 import sharded_pagetable as sp
 from sharded_pagetable.config import TableConfig
+from sharded_pagetable.rows.messages import OP_APPEND, GroupBatch, ShardBatch
 from sharded_pagetable.serving.workload import ServingWorkload, WorkloadConfig, apply_ops
-from sharded_pagetable.shard.messages import OP_APPEND, GroupBatch, ShardBatch
 from sharded_pagetable.shard.wire import decode_reply, encode
 
 ray = pytest.importorskip("ray")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import FencedError, ShardFailedError, WireFormatError
 from ..routing.layout import ShardLayout
-from ..shard.messages import Ack, ShardBatch
+from ..rows.messages import Ack, ShardBatch
 from ..table.host import HostRows
 from .backend import Backend
 from .epochs import new_generation, shard_sums

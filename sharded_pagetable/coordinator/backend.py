@@ -3,7 +3,7 @@
 Two implementations: :class:`~.local.LocalBackend` (shards in the driver) and
 ``ray_actors.backend.RayBackend`` (one Ray actor per shard). Both hold real
 :class:`~sharded_pagetable.shard.shard.Shard` objects and hand them the same
-:class:`~sharded_pagetable.shard.messages.ShardBatch` values (the Ray one over the wire),
+:class:`~sharded_pagetable.rows.messages.ShardBatch` values (the Ray one over the wire),
 so the coordinator's commit, recovery and attach are one path for both. A call that
 reaches several shards reports, per shard, an :class:`Ack` or the exception that shard
 raised; the coordinator decides what a failure means.
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from ..shard.messages import Ack, ShardBatch
+from ..rows.messages import Ack, ShardBatch
 from ..shard.step_inputs import StepInputs
 
 Result = Ack | BaseException

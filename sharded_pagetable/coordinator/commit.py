@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import FencedError, ShardFailedError
-from ..shard.messages import Ack, Schedule, ShardBatch
+from ..rows.messages import Ack, Schedule, ShardBatch
 from ..shard.wire import WireLimits
 from ..table.host import Unpublish
 from ..table.schedule import check_schedule

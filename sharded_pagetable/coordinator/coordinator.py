@@ -24,7 +24,7 @@ from ..config import RayOptions, TableConfig
 from ..constants import cdiv
 from ..errors import FencedError, ShardFailedError
 from ..routing.pools import PagePools
-from ..shard.checksum import GroupConsts
+from ..rows.checksum import GroupConsts
 from ..shard.wire import WireLimits
 from ..table.host import HostRows
 from ..table.page_table import check_page_sizes

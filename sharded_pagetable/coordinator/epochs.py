@@ -14,8 +14,8 @@ import numpy as np
 
 from ..constants import MAX_GENERATION
 from ..routing.layout import ShardLayout
-from ..shard import checksum
-from ..shard.messages import GroupBatch, Schedule, ShardBatch
+from ..rows import checksum
+from ..rows.messages import GroupBatch, Schedule, ShardBatch
 from ..table.host import HostRows
 from .backend import Result
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..errors import RunOnShardsError
 from ..routing.layout import ShardLayout
-from ..shard.device import assemble
-from ..shard.messages import ShardBatch
+from ..rows.device import assemble
+from ..rows.messages import ShardBatch
 from ..shard.shard import Shard, ShardSpec
 from ..shard.step import shard_step
 from ..shard.step_inputs import StepInputs

@@ -25,10 +25,10 @@ from ..constants import (
 )
 from ..errors import FencedError, WireFormatError
 from ..routing.layout import ShardLayout
-from . import checksum, kernels
-from .checksum import GroupConsts, segment_index
-from .device import DeviceRows, assemble, update_groups, warmup_groups
-from .messages import Ack, GroupBatch, ShardBatch
+from ..rows import checksum, kernels
+from ..rows.checksum import GroupConsts, segment_index
+from ..rows.device import DeviceRows, assemble, update_groups, warmup_groups
+from ..rows.messages import Ack, GroupBatch, ShardBatch
 from .step import StepConfig, StepState
 from .step_inputs import StepInputs
 from .wire import WireLimits, decode

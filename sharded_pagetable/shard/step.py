@@ -21,8 +21,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..routing.mesh import SHARD_AXIS, shard_mesh, shard_submesh
-from .device import DeviceRows, assemble
-from .messages import Schedule, ShardBatch
+from ..rows.device import DeviceRows, assemble
+from ..rows.messages import Schedule, ShardBatch
 from .step_inputs import StepInputs, build_step_inputs
 
 _NO_COPIES = np.zeros((2, 0), np.int32)

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..constants import MAX_PAGE_ID
 from ..errors import BatchTooLargeError, WireFormatError
-from . import kernels
-from .messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, Schedule, ShardBatch
+from ..rows import kernels
+from ..rows.messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, Schedule, ShardBatch
 
 VERSION = 1
 

@@ -20,9 +20,9 @@ import numpy as np
 
 from ..constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL
 from ..errors import PageTableFullError
-from ..shard import kernels
-from ..shard.checksum import GroupConsts, segment_index
-from ..shard.messages import GroupBatch
+from ..rows import kernels
+from ..rows.checksum import GroupConsts, segment_index
+from ..rows.messages import GroupBatch
 from .validation import check_index, page_id_array
 
 PageIds = Sequence[int] | np.ndarray

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 
 from ..constants import cdiv
-from ..shard.device import DeviceRows, assemble
+from ..rows.device import DeviceRows, assemble
 from .host import HostRows, HostView, PageIds
 from .row_ops import MultiGroupRowOps
 from .validation import check_count

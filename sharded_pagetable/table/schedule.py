@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..constants import cdiv
-from ..shard.messages import Schedule
+from ..rows.messages import Schedule
 from .validation import int_vector
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
