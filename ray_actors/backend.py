@@ -136,9 +136,7 @@ class RayBackend:
             self._standby = self._new_set()
 
     def _new_set(self) -> ShardSet:
-        shards = launch(self.specs, self.mesh_axes, self.row_axis, self.options, self.actor_name)
-        self.start_seconds = shards.seconds
-        return shards
+        return launch(self.specs, self.mesh_axes, self.row_axis, self.options, self.actor_name)
 
     def _use(self, shards: ShardSet) -> None:
         """Make ``shards`` the shards this backend drives."""
@@ -301,9 +299,6 @@ class RayBackend:
             "with backend='ray' each group's global array lives in the shard processes; "
             "use run_on_shards(fn) to compute on it or device_snapshot(g) to read it"
         )
-
-    def pids(self) -> list[int]:
-        return self._gather([a.pid.remote() for a in self.actors], "pid")
 
     def _kill_all(self) -> None:
         if self._delivery is not None:

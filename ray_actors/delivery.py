@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,6 +24,33 @@ from .calls import ShardTimeoutError, per_shard
 from .channel import ChannelClosedError, ChannelKey, ShardClient
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """Frames written to the shards' channels: per shard None, or the error that kept its
+    frame from going out (which stands for its reply)."""
+
+    failed: list[BaseException | None]
+
+
+@dataclass(frozen=True)
+class _GraphRun:
+    """One execution of the compiled graph, and its messages for a re-send over actor calls
+    should the graph fail."""
+
+    refs: Any  # what the graph's execute() returned: one reference per shard
+    messages: Sequence[bytes]
+
+
+@dataclass(frozen=True)
+class _ActorCalls:
+    """One ``apply`` actor call per shard."""
+
+    refs: list[Any]  # ray.ObjectRef per shard
+
+
+_InFlight = _Frames | _GraphRun | _ActorCalls
 
 
 class EpochDelivery:
@@ -47,7 +75,7 @@ class EpochDelivery:
         self._clients: list[ShardClient] = []
         self._cdag = None  # compiled graph delivering apply messages
         self._graph_broken = False
-        self._in_flight: list[Any] = []  # what send() started, for collect()
+        self._in_flight: _InFlight | None = None  # what send() started, for collect()
         if options.channel == "socket":
             for i, (where, key) in enumerate(zip(placements, keys, strict=True)):
                 try:
@@ -65,18 +93,20 @@ class EpochDelivery:
         compiled graph when there is one, else ordinary actor calls.
         """
         if self._clients:
-            self._in_flight = [self._send_frame(i, m) for i, m in enumerate(messages)]
+            self._in_flight = _Frames([self._send_frame(i, m) for i, m in enumerate(messages)])
             return
         graph = self._graph()
         if graph is not None:
             try:
-                self._in_flight = [("graph", graph.execute(*messages), messages)]
+                self._in_flight = _GraphRun(graph.execute(*messages), messages)
                 return
             except Exception as exc:
                 log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
                 self._teardown_graph(broken=True)
-        refs = [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
-        self._in_flight = [("refs", refs)]
+        self._in_flight = _ActorCalls(self._apply_calls(messages))
+
+    def _apply_calls(self, messages: Sequence[bytes]) -> list[Any]:
+        return [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
 
     def _send_frame(self, i: int, message: bytes) -> BaseException | None:
         client = self._clients[i]
@@ -92,17 +122,19 @@ class EpochDelivery:
         """Every shard's reply to the last :meth:`send`. Any trouble on the compiled graph
         tears it down and re-sends over actor calls, which tells the shards apart (a shard
         that already applied the epoch acknowledges the re-send only)."""
-        in_flight, self._in_flight = self._in_flight, []
-        if self._clients:
-            return self._collect_channel(in_flight)
-        kind, refs, *messages = in_flight[0]
-        if kind == "graph":
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            raise RuntimeError("collect() has no send() to answer")
+        if isinstance(in_flight, _Frames):
+            return self._collect_channel(in_flight.failed)
+        refs = in_flight.refs
+        if isinstance(in_flight, _GraphRun):
             try:
                 return list(ray.get(refs, timeout=self.options.timeout_s))
             except Exception as exc:
                 log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
                 self._teardown_graph(broken=True)
-                refs = [a.apply.remote(m) for a, m in zip(self.actors, messages[0], strict=True)]
+                refs = self._apply_calls(in_flight.messages)
         return per_shard(refs, self.options.timeout_s)
 
     def _collect_channel(self, sent: list[BaseException | None]) -> list[bytes | BaseException]:

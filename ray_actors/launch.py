@@ -30,7 +30,6 @@ class ShardSet:
     placements: list[dict[str, Any]]
     keys: list
     pg: Any = None
-    seconds: float = 0.0  # how long starting it took
 
 
 def kill(actors: Sequence[Any]) -> None:
@@ -107,7 +106,7 @@ def launch(
         raise
     seconds = time.perf_counter() - t0
     log.info("started %d shard actors in %.1fs", num_shards, seconds)
-    return ShardSet(actors, results, keys, pg, seconds)
+    return ShardSet(actors, results, keys, pg)
 
 
 def _create(remote_cls, opts: dict, shard: int, num_shards: int, o: RayOptions):

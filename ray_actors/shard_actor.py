@@ -183,16 +183,13 @@ class ShardActor:
         return self._key
 
     def run(self, fn: Callable[..., Any], args: tuple, step: bool = False) -> Any:
-        from sharded_pagetable.shard.step import shard_step
+        from sharded_pagetable.shard.shard import step_of
 
         with self._lock:
             shard = self._shard
             if not step:
                 return fn(shard.group_arrays(), *args)
-            if shard.step is None:
-                raise RuntimeError("this table's shards build no step inputs")
-            rows = shard.spec.layout.max_num_reqs
-            view = shard_step(shard.epoch, [shard.step], shard.sharding, self.num_shards, rows)
+            view = step_of([shard], self.num_shards)
             return fn(shard.group_arrays(), view, *args)
 
     def step_snapshot(self):

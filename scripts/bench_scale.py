@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bench_sharded  # noqa: E402  (scripts/: the same Ray tables)
 
 import sharded_pagetable as sp  # noqa: E402
-from sharded_pagetable.coordinator.epochs import expected_after, shard_messages  # noqa: E402
+from sharded_pagetable.routing.layout import ShardLayout  # noqa: E402
 from sharded_pagetable.rows.messages import Ack, ShardBatch  # noqa: E402
 from sharded_pagetable.shard import wire  # noqa: E402
 
@@ -59,48 +59,38 @@ SLOPE_TARGET_US, SIZE_TARGET = 15.0, 1.3
 
 class InstantShards:
     """Benchmark harness, not library API: ``num_shards`` shard endpoints in this process
-    that answer at once, plugged into a real table in place of its backend.
+    that answer at once, handed to a table as its backend (``backend=InstantShards(...)``).
 
     ``send`` encodes every batch with ``wire.encode`` as the Ray backend does before it
     writes its frames, and applies nothing. ``collect`` returns the ``Ack`` a healthy shard
-    gives: the epoch sent and the checksum the coordinator computed for that shard (read from
-    the commit's receipt), so the coordinator's checks run, and pass by construction. It
-    measures the coordinator's cost per commit, never correctness. Only the calls a commit
-    makes are served.
+    gives: the epoch sent and the checksum the coordinator computed for that shard (from the
+    receipt of ``commit(wait=False)``, handed over with :meth:`expect`), so the coordinator's
+    checks run, and pass by construction. It measures the coordinator's cost per commit,
+    never correctness. Only the calls a commit makes are served.
     """
 
     started_shards = True
 
-    def __init__(self, num_shards: int, generation: int) -> None:
+    def __init__(self, rows: int, num_shards: int) -> None:
+        self.layout = ShardLayout(rows, num_shards, num_shards)
+        self.mesh_axes = {"data": num_shards}
         self.num_shards = num_shards
-        self.generation = generation
+        self.generation = 0
         self.frames: list[bytes] = []
         self._receipt: sp.CommitReceipt | None = None
 
-    @classmethod
-    def plug(cls, table: sp.ShardedPageTable) -> InstantShards:
-        """Replace ``table``'s backend (its real shards are closed) with instant endpoints."""
-        table._backend.close()
-        endpoint = cls(table.num_shards, table.generation)
-        table._backend = endpoint
-        send_epoch = table._send_epoch
+    def status(self) -> list[Ack]:
+        return [Ack(s, 0, 0, 0, False, self.generation) for s in range(self.num_shards)]
 
-        def tracked(backend, n, schedule):  # hands the endpoint what each shard must confirm
-            receipt = send_epoch(backend, n, schedule)
-            endpoint.expect(receipt)
-            return receipt
-
-        table._send_epoch = tracked
-        return endpoint
+    def fence(self, generation: int) -> list[Ack]:
+        self.generation = generation
+        return self.status()
 
     def expect(self, receipt: sp.CommitReceipt) -> None:
         self._receipt = receipt
 
     def send(self, batches: Sequence[ShardBatch]) -> None:
-        self.send_frames([wire.encode(b) for b in batches])
-
-    def send_frames(self, frames: list[bytes]) -> None:
-        self.frames = frames
+        self.frames = [wire.encode(b) for b in batches]
 
     def collect(self) -> list[Ack]:
         r, self._receipt = self._receipt, None
@@ -114,6 +104,20 @@ class InstantShards:
         self.frames = []
 
     detach = close
+
+
+_ENDPOINTS: dict[int, InstantShards] = {}  # id(table) -> its instant endpoints
+
+
+def commit(table, rows: int) -> sp.CommitReceipt:
+    """``table.commit(rows)``; on instant endpoints sent, the expected acks handed over,
+    then confirmed (what a blocking commit does, through the public calls)."""
+    endpoint = _ENDPOINTS.get(id(table))
+    if endpoint is None:
+        return table.commit(rows)
+    receipt = table.commit(rows, wait=False)
+    endpoint.expect(receipt)
+    return table.wait() or receipt
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -155,8 +159,11 @@ def step_ops(table, step: tuple, groups: int, pages: Pages) -> None:
 
 
 def instant_table(rows: int, max_len: int, page_sizes: Sequence[int], shards: int):
-    table = sp.ShardedPageTable(rows, max_len, BUDGET, page_sizes, num_shards=shards, warmup=False)
-    InstantShards.plug(table)
+    endpoint = InstantShards(rows, shards)
+    table = sp.ShardedPageTable(
+        rows, max_len, BUDGET, page_sizes, num_shards=shards, backend=endpoint, warmup=False
+    )
+    _ENDPOINTS[id(table)] = endpoint
     return table
 
 
@@ -181,13 +188,12 @@ def interleaved(tables: list, steps: list, groups: int, rows: int, parts: bool =
                 table = tables[j]
                 step_ops(table, step, groups, pages[j])
                 if parts and i % 2:
-                    endpoint = table._backend
-                    got, _, _ = commit_by_parts(table, rows, endpoint.send_frames, endpoint)
+                    got, _, _ = commit_by_parts(table, rows)
                     for key, s in got.items():
                         spans[j][key].append(s)
                     continue
                 t0 = time.perf_counter()
-                receipt = table.commit(rows)
+                receipt = commit(table, rows)
                 times[j].append(time.perf_counter() - t0)
                 nbytes[j].append(receipt.bytes)
     finally:
@@ -204,7 +210,7 @@ def interleaved(tables: list, steps: list, groups: int, rows: int, parts: bool =
 def prefill(tables: list, rows: int, per_group: Sequence[Callable], seed: int) -> None:
     for table in tables:
         fill(table, rows, per_group, Pages(), np.random.default_rng(seed))
-        table.commit(rows)
+        commit(table, rows)
 
 
 def decode_fill() -> list[Callable]:
@@ -256,7 +262,7 @@ def sweep_sizes(sizes: Sequence[tuple[int, int]], steps: int) -> list[dict]:
                     j = (i + k) % len(tables)
                     step_ops(tables[j], step, 1, pages[j])
                     t0 = time.perf_counter()
-                    tables[j].commit(sizes[j][0])
+                    commit(tables[j], sizes[j][0])
                     times[j].append(time.perf_counter() - t0)
         finally:
             gc.enable()
@@ -286,66 +292,35 @@ def ray_tables(counts: Sequence[int]) -> list:
 # -- d. one commit part by part ----------------------------------------------------------
 
 PARTS = (
-    ("batch", "coordinator: batch (host.batch per group)"),
-    ("split", "coordinator: split (shard_messages)"),
-    ("encode", "coordinator: encode (wire.encode per shard)"),
-    ("send", "coordinator: send (every frame on its way)"),
-    ("expected", "coordinator: terms_after + expected_after"),
-    ("publish", "coordinator: publish (host.publish per group)"),
-    ("receipt", "coordinator: receipt"),
-    ("collect", "coordinator: collect (wait for every ack)"),
-    ("confirm", "coordinator: confirm (check acks)"),
+    ("stage", "coordinator: stage (changed rows, split, copy plans)"),
+    ("send", "coordinator: send (check, encode, deliver, publish)"),
+    ("wait", "coordinator: wait (every ack, checked)"),
 )
 
 
-def commit_by_parts(table, n: int, deliver: Callable[[list[bytes]], None], endpoint=None):
-    """``table.commit(n)`` for a step without a schedule, as ``Commits._send_epoch`` and
-    ``_settle_in_flight`` make it, timing each call; returns ``(seconds per part, frames,
-    changed bytes)``."""
-    hosts, backend = table._hosts, table._backend
+def commit_by_parts(table, n: int):
+    """``table.commit(n)`` for a step without a schedule through its public seam, timing
+    each call (``t.stage``, ``t.send(plan, wait=False)``, ``t.wait``); returns
+    ``(seconds per part, frames, changed bytes)``: the frames are the plan's messages as
+    the wire encodes them (encoded here, outside the timed calls)."""
+    endpoint = _ENDPOINTS.get(id(table))
     clock = time.perf_counter
     c0 = clock()
-    batches = [h.batch(n) for h in hosts]
+    plan = table.stage(n)
     c1 = clock()
-    epoch = table.epoch + 1
-    plans = tuple(h.copy_plan() for h in hosts)
-    messages = shard_messages(
-        epoch, table.epoch, table.generation, batches, table.layout, None, plans
-    )
+    receipt = table.send(plan, wait=False)
     c2 = clock()
-    frames = [wire.encode(m) for m in messages]
-    c3 = clock()
-    deliver(frames)
-    c4 = clock()
-    terms = [h.terms_after(b) for h, b in zip(hosts, batches, strict=True)]
-    expected = expected_after(table._expected, batches, [d for _, d in terms], table.layout.bounds)
-    c5 = clock()
-    undo = [h.publish(b, t) for h, b, (t, _) in zip(hosts, batches, terms, strict=True)]
-    c6 = clock()
-    receipts = tuple(
-        sp.ShardReceipt(s, m.rows, m.nbytes, expected[s]) for s, m in enumerate(messages)
-    )
-    receipt = sp.CommitReceipt(epoch, n, True, receipts, plans, confirmed=False)
-    c7 = clock()
     if endpoint is not None:
         endpoint.expect(receipt)
-    c7b = clock()
-    results = backend.collect()
-    c8 = clock()
-    try:
-        table._confirm(backend, results, expected, epoch)
-    except BaseException:
-        for host, u in zip(reversed(hosts), reversed(undo), strict=True):
-            host.unpublish(u)
-        raise
-    table._expected = expected
-    table.epoch = epoch
-    c9 = clock()
-    spans = (c1 - c0, c2 - c1, c3 - c2, c4 - c3, c5 - c4, c6 - c5, c7 - c6, c8 - c7b, c9 - c8)
+    c3 = clock()
+    table.wait()
+    c4 = clock()
+    frames = [wire.encode(m) for m in plan.messages]
+    spans = (c1 - c0, c2 - c1, c4 - c3)
     return (
         dict(zip((k for k, _ in PARTS), spans, strict=True)),
         frames,
-        sum(b.nbytes for b in batches),
+        sum(b.nbytes for b in plan.batches),
     )
 
 
@@ -426,12 +401,13 @@ def memcpy_seconds(nbytes: int, reps: int = 20) -> float:
 
 
 def breakdown(subjects: dict, iters: int) -> dict:
-    """Per subject (name -> (table, deliver, endpoint)): even steps timed part by part, odd
+    """Per subject (name -> table): even steps timed part by part, odd
     steps as a whole ``commit``; the floors measured in the same loop."""
     plan = decode_steps(5, 2 * iters, ROWS, GROWS)
     names = list(subjects)
     parts = {name: {k: [] for k, _ in PARTS} for name in names}
     whole = {name: [] for name in names}
+    applied = {name: [] for name in names}  # per whole commit: the slowest shard's own apply
     decode_s, echo_s, copy_s = [], [], []
     nbytes = {"frames": [], "changed": []}
     pages = {name: Pages() for name in names}
@@ -445,14 +421,15 @@ def breakdown(subjects: dict, iters: int) -> dict:
         for i, step in enumerate(plan):
             for k in range(len(names)):
                 name = names[(i + k) % len(names)]
-                table, deliver, endpoint = subjects[name]
+                table = subjects[name]
                 step_ops(table, step, len(PAGE_SIZES), pages[name])
                 if i % 2:
                     t0 = time.perf_counter()
-                    table.commit(ROWS)
+                    receipt = commit(table, ROWS)
                     whole[name].append(time.perf_counter() - t0)
+                    applied[name].append(max(s.apply_us for s in receipt.shards) / 1e6)
                     continue
-                spans, frames, changed = commit_by_parts(table, ROWS, deliver, endpoint)
+                spans, frames, changed = commit_by_parts(table, ROWS)
                 for key, s in spans.items():
                     parts[name][key].append(s)
                 if k == 0:
@@ -474,6 +451,7 @@ def breakdown(subjects: dict, iters: int) -> dict:
         total = np.sum([parts[name][k] for k, _ in PARTS], axis=0)
         rows["sum"] = stats(total)
         rows["whole"] = stats(whole[name])
+        rows["shard_apply"] = stats(applied[name])
         out["subjects"][name] = rows
     out["floors"] = {
         "decode": stats(decode_s),
@@ -483,16 +461,6 @@ def breakdown(subjects: dict, iters: int) -> dict:
         "changed_bytes": float(np.median(nbytes["changed"])),
     }
     return out
-
-
-def shard_apply(table, commits: int) -> dict:
-    """The last ``commits`` applies in every shard process: per commit the slowest shard."""
-    import ray
-
-    per_actor = ray.get([a.apply_seconds.remote() for a in table._backend.actors])
-    k = min(commits, *(len(a) for a in per_actor))
-    slowest = np.max([a[-k:] for a in per_actor], axis=0)
-    return stats(slowest)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -627,7 +595,7 @@ def main() -> None:
     subjects: dict = {}
     tables: list = []
     instant4 = instant_table(ROWS, MAX_LEN, PAGE_SIZES, 4)
-    subjects["in-process x4"] = (instant4, instant4._backend.send_frames, instant4._backend)
+    subjects["in-process x4"] = instant4
     owns_ray = False
     try:
         if with_ray:
@@ -660,7 +628,7 @@ def main() -> None:
                         f"{r['p99_us']:>9.1f} {r['bytes']:>8.0f}"
                     )
                 ray4 = tables[ray_counts.index(4)]
-                subjects["ray 4 proc x 2 dev"] = (ray4, ray4._backend._delivery.send, None)
+                subjects["ray 4 proc x 2 dev"] = ray4
             except Exception as exc:  # the rest of the report still stands
                 print(f"Ray part failed: {type(exc).__name__}: {exc}")
         doc["ray"] = ray_res
@@ -673,8 +641,8 @@ def main() -> None:
         )
         prefill([instant4], ROWS, decode_fill(), seed=1)
         parts = breakdown(subjects, iters)
-        if "ray 4 proc x 2 dev" in subjects:
-            parts["shard_apply"] = shard_apply(subjects["ray 4 proc x 2 dev"][0], 2 * iters)
+        if "ray 4 proc x 2 dev" in parts["subjects"]:
+            parts["shard_apply"] = parts["subjects"]["ray 4 proc x 2 dev"]["shard_apply"]
         doc["breakdown"] = parts
     finally:
         instant4.close()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,28 @@ def _int_in(key: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ConfigError(f"{key} must be an integer in {lo}..{hi}, got {show(value)}")
     return value
+
+
+def check_table_shape(
+    max_num_reqs: int, max_model_len: int, page_sizes: Sequence[int], num_shards: int
+) -> None:
+    """What every path that builds a sharded table checks of its shape (``TableConfig`` and
+    the constructor alike): every shard holds a row, and every group's table is indexable
+    with int32. Raises :class:`ConfigError` (a ``ValueError``) naming the value."""
+    if num_shards > max_num_reqs:
+        raise ConfigError(
+            f"num_shards must be at most max_num_reqs={max_num_reqs} (a shard holds at "
+            f"least one row), got {num_shards}"
+        )
+    for g, size in enumerate(page_sizes):
+        entries = max_num_reqs * cdiv(max_model_len, size)
+        if entries > MAX_INT32:
+            raise ConfigError(
+                f"page_sizes[{g}]={size}: max_num_reqs x pages per row = "
+                f"{max_num_reqs} x {cdiv(max_model_len, size)} = {entries} table "
+                f"entries, more than {MAX_INT32} (int32 indexing); use fewer rows, a "
+                f"shorter max_model_len or larger pages"
+            )
 
 
 def _positive_int(key: str, value: Any, hi: int = MAX_INT32) -> int:
@@ -200,12 +222,8 @@ class TableConfig:
         for key in ("max_num_reqs", "max_model_len", "max_num_batched_tokens"):
             _positive_int(key, getattr(self, key))
         _positive_int("num_shards", self.num_shards, MAX_DEVICES)
-        if self.num_shards > self.max_num_reqs:
-            raise ConfigError(
-                f"num_shards must be at most max_num_reqs={self.max_num_reqs} (a shard holds at "
-                f"least one row), got {self.num_shards}"
-            )
         self._check_page_sizes()
+        check_table_shape(self.max_num_reqs, self.max_model_len, self.page_sizes, self.num_shards)
         if self.backend not in ("local", "ray"):
             raise ConfigError(f"backend must be 'local' or 'ray', got {show(self.backend)}")
         if not isinstance(self.row_axis, str) or not self.row_axis:
@@ -240,14 +258,6 @@ class TableConfig:
             )
         for g, size in enumerate(sizes):
             _positive_int(f"page_sizes[{g}]", size)
-            entries = self.max_num_reqs * cdiv(self.max_model_len, size)
-            if entries > MAX_INT32:
-                raise ConfigError(
-                    f"page_sizes[{g}]={size}: max_num_reqs x pages per row = "
-                    f"{self.max_num_reqs} x {cdiv(self.max_model_len, size)} = {entries} table "
-                    f"entries, more than {MAX_INT32} (int32 indexing); use fewer rows, a "
-                    f"shorter max_model_len or larger pages"
-                )
         object.__setattr__(self, "page_sizes", tuple(sizes))
 
     def _check_mesh(self) -> None:

@@ -183,7 +183,7 @@ def test_bad_page_ids_are_refused_and_nothing_changes(table, call, match):
 
 def test_a_batch_with_every_optional_part_round_trips_the_wire(table):
     """What a pipelined, scheduled, migrating commit sends decodes to the same batch."""
-    from sharded_pagetable.coordinator.epochs import shard_messages
+    from sharded_pagetable.coordinator.epochs import EpochId, shard_messages
     from sharded_pagetable.shard.wire import WireLimits, decode, encode
 
     fill(table)
@@ -193,10 +193,10 @@ def test_a_batch_with_every_optional_part_round_trips_the_wire(table):
     )
     sched = np.zeros(ROWS, np.int64)
     sched[[0, tgt]] = 2
-    schedule = table._check_schedule(ROWS, sched, np.zeros(ROWS, np.int64))
-    batches = [h.batch(ROWS) for h in table._hosts]
-    plans = tuple(h.copy_plan() for h in table._hosts)
-    messages = shard_messages(5, 4, 2**63 + 5, batches, table.layout, schedule, plans)
+    plan = table.stage(ROWS, sched, np.zeros(ROWS, np.int64))  # what commit would send
+    batches, plans, schedule = plan.batches, plan.kv_copies, plan.schedule
+    epoch = EpochId(5, 4, 2**63 + 5)
+    messages = shard_messages(epoch, batches, plan.cuts, table.layout.bounds, schedule, plans)
     limits = WireLimits(RPS, table.widths)
     for m in messages:
         back = decode(encode(m), limits)

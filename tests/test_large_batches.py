@@ -145,14 +145,14 @@ def test_an_epoch_over_the_limits_is_refused_before_anything_is_sent():
         plan = swap_everything(t)
         before = [t.device_snapshot(g) for g in range(len(WIDTHS))], t.shard_status(), t.epoch
         limits = t.wire_limits
-        t.wire_limits = WireLimits.for_shard(RPS, WIDTHS, ROWS // 2)  # half the copies fit
+        t._committer.wire_limits = WireLimits.for_shard(RPS, WIDTHS, ROWS // 2)  # half fit
         with pytest.raises(sp.BatchTooLargeError, match="copy plan of group 0"):
             t.commit(ROWS)
         after = [t.device_snapshot(g) for g in range(len(WIDTHS))], t.shard_status(), t.epoch
         for a, b in zip(before[0], after[0], strict=True):
             np.testing.assert_array_equal(a, b)
         assert before[1:] == after[1:]
-        t.wire_limits = limits
+        t._committer.wire_limits = limits
         receipt = t.commit(ROWS)  # no recovery was needed: the table never failed
         assert t.recoveries == [] and receipt.epoch == before[2] + 1
         np.testing.assert_array_equal(receipt.kv_copies[0], plan[0])

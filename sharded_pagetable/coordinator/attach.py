@@ -14,15 +14,13 @@ settled epoch); that raises ``RuntimeError`` and is documented in the README.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import FencedError, ShardFailedError, WireFormatError
-from ..routing.layout import ShardLayout
 from ..rows.messages import Ack, ShardBatch
-from ..table.host import HostRows
 from .backend import Backend
-from .epochs import new_generation, shard_sums
+from .epochs import new_generation
+from .mirror import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +53,10 @@ def read_shards(backend: Backend) -> tuple[list[Ack], list[ShardBatch | None]]:
     return status, states
 
 
-def take_over(backend: Backend, hosts: Sequence[HostRows], layout: ShardLayout) -> TakeOver:
+def take_over(backend: Backend, mirror: Mirror) -> TakeOver:
     """Fence every shard with a new generation, settle them on the newest epoch every one of
     them can present (shards one epoch ahead, from a commit the old coordinator never
-    finished, step back) and load their rows into the empty mirror ``hosts`` as published.
+    finished, step back) and load their rows into the empty ``mirror`` as published.
     """
     status, before = read_shards(backend)
     generation = new_generation(max(a.generation for a in status))
@@ -92,9 +90,8 @@ def take_over(backend: Backend, hosts: Sequence[HostRows], layout: ShardLayout) 
             )
         _check_state(s, state, target)
         if state is not None:
-            for host, group in zip(hosts, state.groups, strict=True):
-                host.load(layout.shard_rows(s).start, group)
-    expected = shard_sums(hosts, layout)
+            mirror.load(s, state)
+    expected = mirror.shard_sums()
     for s, ack in live.items():
         if ack.checksum != expected[s]:
             raise RuntimeError(

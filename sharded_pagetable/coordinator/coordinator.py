@@ -1,10 +1,16 @@
 """The coordinator: the scheduler's single entry point to a table sharded over processes.
 
-It keeps a host mirror of every row (one :class:`HostRows` per group, which also owns what
-is published of it), validates each call against it, and at ``commit`` turns the rows that
-changed into one batch per shard. Cross-shard moves and swaps are resolved in the mirror
-and reach the shards as ordinary row replacements, so shards never talk to each other.
-Commit, recovery and attach are one path for every backend (:mod:`.backend`).
+:class:`ShardedPageTable` holds the table's lock and delegates to parts with one owner each:
+
+- the :class:`~.mirror.Mirror` owns every row on the host (row operations, their
+  validation, page pools) and stages and publishes epochs;
+- the :class:`~.committer.EpochCommitter` owns the epoch state (epoch, generation, what
+  every shard must report, the epoch in flight) and sends and confirms epochs;
+- :class:`~.health.Health` owns the failed / fenced state and the recovery policy;
+- the backend (:mod:`.backend`) owns the shards, wherever they live.
+
+Cross-shard moves and swaps are resolved in the mirror and reach the shards as ordinary row
+replacements, so shards never talk to each other.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -24,36 +31,59 @@ from ..config import RayOptions, TableConfig
 from ..constants import cdiv
 from ..errors import FencedError, ShardFailedError
 from ..routing.pools import PagePools
-from ..rows.checksum import GroupConsts
+from ..shard.step_inputs import StepInputs
 from ..shard.wire import WireLimits
-from ..table.host import HostRows
+from ..table.host import HostRows, PageIds
 from ..table.page_table import check_page_sizes
+from ..table.validation import check_count, check_index
 from .attach import take_over
 from .backend import Backend
-from .commit import Commits
-from .epochs import (
-    failures,
-    live_rows,
-    new_generation,
-    published_states,
-)
+from .committer import EpochCommitter
+from .epochs import EpochPlan, new_generation
+from .health import Health
 from .metrics import TableMetrics
-from .pooled import GuardedRowOps
-from .reads import ShardReads
-from .start import check_args, check_pool_pages, start_backend
+from .mirror import Mirror
+from .reads import gather_step_inputs
+from .receipt import CommitReceipt
+from .start import ShardShape, check_args, check_pool_pages, start_backend, step_config
 from .view import GroupView
 
 log = logging.getLogger(__name__)
 
 
-class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` under the table's lock, so scheduler threads may share a table."""
+
+    @functools.wraps(method)
+    def call(self: ShardedPageTable, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
+def _row_op(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A row operation: under the lock, refused once the table is closed (it must not
+    change a mirror nobody will publish)."""
+
+    @functools.wraps(method)
+    def call(self: ShardedPageTable, *args: Any, **kwargs: Any) -> Any:
+        self._open()
+        return method(self, *args, **kwargs)
+
+    return _locked(call)
+
+
+class ShardedPageTable:
     """``MultiGroupPageTable`` semantics with rows sharded over ``num_shards`` shards.
 
     Args:
       max_num_reqs, max_model_len, max_num_batched_tokens, page_sizes: as in
         ``MultiGroupPageTable``.
       num_shards: shard processes (``backend="ray"``) or in-process shards (``"local"``).
-      backend: ``"local"`` (default, embedded) or ``"ray"``.
+      backend: ``"local"`` (default, embedded), ``"ray"``, or a started object implementing
+        :class:`~.backend.Backend` with ``layout`` and ``mesh_axes`` (shards that live
+        elsewhere: tools, benchmarks, tests).
       mesh: a ``Mesh`` (local backend), a mapping of axis sizes such as
         ``{"data": 4, "model": 2}``, or None for a 1-D mesh over every device named
         ``row_axis``.
@@ -84,7 +114,7 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
         page_sizes: Sequence[int],
         *,
         num_shards: int,
-        backend: str = "local",
+        backend: str | Backend = "local",
         mesh: Mesh | Mapping[str, int] | None = None,
         row_axis: str = "data",
         num_pages: int | None = None,
@@ -98,74 +128,60 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
     ) -> None:
         page_sizes = check_page_sizes(page_sizes)
         check_args(
-            max_num_reqs=max_num_reqs,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
-            num_shards=num_shards,
-            backend=backend,
-            recover=recover,
-            max_recoveries=max_recoveries,
+            (max_num_reqs, max_model_len, max_num_batched_tokens, page_sizes), num_shards, backend
         )
+        self._lock = threading.RLock()
+        self._health = Health(recover, max_recoveries)  # checks both before anything starts
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.page_sizes = page_sizes
-        self.backend_name = backend
+        self.backend_name = backend if isinstance(backend, str) else type(backend).__name__
         self.row_axis = row_axis
-        self.recover_mode = recover
-        self.max_recoveries = max_recoveries
+        self.widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
         self.recoveries: list[float] = []  # seconds each recovery took
         self.lost_kv_rows = np.empty(0, np.int32)  # i32[k] live rows the last recovery lost
-        self._lock = threading.RLock()
-        self.metrics = metrics if isinstance(metrics, TableMetrics) else None
-        if metrics is True:
-            self.metrics = TableMetrics()
-        self.widths = widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
+        self.metrics = TableMetrics() if metrics is True else metrics or None
+        pools = None
         if pages_per_shard is not None:
-            self._pools = PagePools(num_shards, max_num_reqs // num_shards, pages_per_shard)
-            num_pages = check_pool_pages(num_pages, self._pools)
-        self._hosts = [
-            HostRows(max_num_reqs, w, num_pages, GroupConsts.build(g, w, max_num_reqs))
-            for g, w in enumerate(widths)
-        ]
+            pools = PagePools(num_shards, max_num_reqs // num_shards, pages_per_shard)
+            num_pages = check_pool_pages(num_pages, pools)
+        shape = ShardShape(
+            max_num_reqs, num_shards, self.widths, page_sizes, max_num_batched_tokens, warmup
+        )
+        self.layout, self.mesh_axes, self._backend = start_backend(
+            backend, shape, mesh, row_axis, ray, _attach
+        )
+        self._mirror = Mirror(
+            self.layout, self.widths, page_sizes, max_num_batched_tokens, num_pages, pools
+        )
+        self._committer = EpochCommitter(self._mirror, self._wire_limits(), self.metrics)
         self._views = [
             GroupView(host, max_num_batched_tokens, functools.partial(self._group_array, g))
-            for g, host in enumerate(self._hosts)
+            for g, host in enumerate(self._mirror.hosts)
         ]
-        self.epoch = 0
-        self._failed: ShardFailedError | None = None
-        self._fenced: FencedError | None = None
-        self.layout, self.mesh_axes, self._backend = start_backend(
-            backend,
-            mesh,
-            row_axis=row_axis,
-            max_num_reqs=max_num_reqs,
-            num_shards=num_shards,
-            widths=widths,
-            page_sizes=page_sizes,
-            max_num_batched_tokens=max_num_batched_tokens,
-            warmup=warmup,
-            ray=ray,
-            attach=_attach,
-        )
-        self._expected = [0] * num_shards  # u64 checksum each shard must report
+        self._take_shards(_attach)
+
+    def _wire_limits(self) -> WireLimits:
         layout = self.layout
-        self.wire_limits = WireLimits.for_shard(
-            layout.rows_per_shard, widths, layout.max_num_reqs
-        )  # what a shard accepts: every epoch is checked against it before it is sent
+        return WireLimits.for_shard(layout.rows_per_shard, self.widths, layout.max_num_reqs)
+
+    def _take_shards(self, attach: bool) -> None:
+        """Fence the shards this table started, or take over running ones (attach); a
+        failure lets go of them (stopping only shards this table started)."""
+        backend, committer = self._backend, self._committer
         try:
-            if _attach:  # the previous coordinator stays in charge unless this completes
-                taken = take_over(self._backend, self._hosts, self.layout)
-                self.generation, self.epoch = taken.generation, taken.epoch
-                self._expected, self._failed = taken.expected, taken.lost
-            else:
-                # A generation above every one the shards obeyed.
-                status = self._backend.status()
-                self.generation = new_generation(max(a.generation for a in status))
-                self._fence(self._backend)
+            if attach:  # the previous coordinator stays in charge unless this completes
+                taken = take_over(backend, self._mirror)
+                committer.generation, committer.epoch = taken.generation, taken.epoch
+                committer.expected = taken.expected
+                self._health.failed = taken.lost
+            else:  # a generation above every one the shards obeyed
+                committer.generation = new_generation(max(a.generation for a in backend.status()))
+                committer.fence(backend)
         except BaseException:
-            backend, self._backend = self._backend, None
-            if _attach:  # only shards this coordinator created may be stopped
+            self._backend = None
+            if attach:  # only shards this coordinator created may be stopped
                 backend.detach()
             else:
                 backend.close(clean=False)
@@ -189,7 +205,7 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
             raise ValueError("attach needs backend: ray with ray.detached: true")
         return cls(*config.shape(), _attach=True, **config.kwargs())
 
-    # -- reads ---------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------
 
     def __getitem__(self, group: int) -> GroupView:
         return self._views[group]
@@ -201,41 +217,227 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
     def num_shards(self) -> int:
         return self.layout.num_shards
 
+    @property
+    def num_groups(self) -> int:
+        return len(self._views)
+
+    @property
+    def epoch(self) -> int:
+        """The last epoch every shard confirmed."""
+        return self._committer.epoch
+
+    @property
+    def generation(self) -> int:
+        """This coordinator's generation (the shards obey exactly one)."""
+        return self._committer.generation
+
+    @property
+    def recover_mode(self) -> str:
+        return self._health.mode
+
+    @property
+    def max_recoveries(self) -> int:
+        return self._health.max_recoveries
+
+    @property
+    def wire_limits(self) -> WireLimits:
+        """What a shard accepts; every epoch is checked against it before it is sent."""
+        return self._committer.wire_limits
+
+    @property
+    def _hosts(self) -> list[HostRows]:
+        return self._mirror.hosts
+
     def _open(self) -> Backend:
         if self._backend is None:
             raise RuntimeError("this ShardedPageTable is closed")
         return self._backend
 
-    def _live_backend(self) -> Backend:
-        backend = self._open()
-        if self._fenced is not None:
-            raise self._fenced
-        if self._failed is not None:
-            why = f"the table is fail-closed after an earlier failure ({self._failed.reason})"
-            raise ShardFailedError(self._failed.shard, self._failed.epoch, why)
-        return backend
+    # -- row operations (the mirror only) ------------------------------------------------
 
-    def _retrying(self, fn: Callable[[Backend], Any]) -> Any:
-        """``fn(backend)``; with ``recover="auto"`` a failed table is recovered first, and a
-        call that fails it is retried, up to ``max_recoveries`` recoveries."""
-        attempts = 0
-        while True:
-            if self._failed is not None and self.recover_mode == "auto":
-                if attempts >= self.max_recoveries:
-                    raise self._failed
-                attempts += 1
-                log.warning(
-                    "%s; recovering, attempt %d of %d", self._failed, attempts, self.max_recoveries
-                )
-                try:
-                    self.recover()
-                except ShardFailedError:
-                    continue
-            try:
-                return fn(self._live_backend())
-            except ShardFailedError:
-                if self.recover_mode != "auto" or self._failed is None:
-                    raise
+    @_row_op
+    def append_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
+        """Append ``page_ids[g]`` to row ``row_idx`` of every group ``g``."""
+        self._mirror.append_row(page_ids, row_idx)
+
+    @_row_op
+    def add_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
+        """Replace row ``row_idx`` of every group with ``page_ids[g]``."""
+        self._mirror.add_row(page_ids, row_idx)
+
+    @_row_op
+    def clear_row(self, row_idx: int) -> None:
+        """Empty row ``row_idx`` in every group."""
+        self._mirror.clear_row(row_idx)
+
+    @_row_op
+    def move_row(self, src: int, tgt: int, page_ids: Sequence[PageIds] | None = None) -> None:
+        """Copy row ``src`` onto ``tgt`` (``src`` keeps its pages). With ``page_ids``
+        (``[group][pages]`` in ``tgt``'s pool) ``tgt`` gets those pages and the next commit
+        asks the model step to copy the KV of ``src``'s pages into them."""
+        self._mirror.move_row(src, tgt, page_ids)
+
+    @_row_op
+    def swap_row(
+        self,
+        src: int,
+        tgt: int,
+        page_ids: tuple[Sequence[PageIds], Sequence[PageIds]] | None = None,
+    ) -> None:
+        """Exchange rows ``src`` and ``tgt``; with ``page_ids=(for_src, for_tgt)`` each row
+        gets new pages of its own pool and the next commit copies the KV across."""
+        self._mirror.swap_row(src, tgt, page_ids)
+
+    @_row_op
+    def append_rows_batch(
+        self, page_ids_per_req: Sequence[Sequence[PageIds]], req_indices: Sequence[int]
+    ) -> None:
+        """Append ``page_ids_per_req[i][g]`` to row ``req_indices[i]`` of group ``g``."""
+        self._mirror.append_rows_batch(page_ids_per_req, req_indices)
+
+    @_locked
+    def compute_slot_mapping(self, group: int, req_indices: object, positions: object):
+        """``i32[max_num_batched_tokens]`` slots of the scheduled tokens in ``group``, from
+        the mirror (see :mod:`sharded_pagetable.table.slot_mapping`)."""
+        return self._mirror.compute_slot_mapping(group, req_indices, positions)
+
+    # -- commits -------------------------------------------------------------------------
+
+    def commit(
+        self,
+        num_reqs: int,
+        num_scheduled_tokens: object = None,
+        num_computed_tokens: object = None,
+        *,
+        wait: bool = True,
+    ) -> CommitReceipt:
+        """Publish rows ``[0, num_reqs)`` on every shard as one new epoch; returns a receipt
+        (the epoch; per shard the rows and bytes sent and the checksum it confirmed; the KV
+        copies the model step must make).
+
+        With ``num_scheduled_tokens`` and ``num_computed_tokens`` (one int per row below
+        ``num_reqs``) the epoch also carries the step's schedule: every shard builds the
+        step's inputs (:meth:`step_snapshot`) on its own devices. A schedule that does not
+        fit, or an epoch larger than a shard accepts, is refused before anything is sent. If
+        any shard fails, every shard steps back, nothing is published, the mirror keeps the
+        pending changes, and :class:`ShardFailedError` names the shard; with
+        ``recover="auto"`` a lost shard is replaced and the commit retried.
+
+        With ``wait=False`` it returns as soon as every shard's message is on its way (the
+        receipt's ``confirmed`` is False); :meth:`wait` returns the confirmed receipt. The
+        next commit, every read, ``recover()`` and ``close()`` settle it first: if it
+        failed, that call raises :class:`ShardFailedError` naming it, and neither it nor a
+        later epoch is published. Row operations do not wait for it.
+        """
+        n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
+        with self._lock:
+            self._settle()
+            schedule = None
+            if num_scheduled_tokens is not None or num_computed_tokens is not None:
+                schedule = self._check_schedule(n, num_scheduled_tokens, num_computed_tokens)
+
+            def attempt() -> CommitReceipt:  # staged again after a recovery
+                return self._send(self._committer.stage(n, schedule), n, wait)
+
+            return self._health.call(attempt, self.recover)
+
+    def send(self, plan: EpochPlan | None, *, wait: bool = True) -> CommitReceipt:
+        """Send an epoch from :meth:`stage` as :meth:`commit` would (``commit`` is
+        ``send(stage(...))``). A plan staged before a later row change, commit or recovery is
+        refused with ``ValueError``; a ``None`` plan commits nothing. The seam tools and
+        benchmarks measure the commit through; a failure fails the table as a commit does."""
+        with self._lock:
+            self._settle()
+            num_reqs = 0 if plan is None else plan.num_reqs
+            return self._health.call(lambda: self._send(plan, num_reqs, wait), self.recover)
+
+    def _send(self, plan: EpochPlan | None, num_reqs: int, wait: bool) -> CommitReceipt:
+        backend, committer = self._open(), self._committer
+        receipt = committer.send(backend, plan, num_reqs)
+        return receipt if not wait else committer.settle(backend) or receipt
+
+    def stage(
+        self,
+        num_reqs: int,
+        num_scheduled_tokens: object = None,
+        num_computed_tokens: object = None,
+    ) -> EpochPlan | None:
+        """The epoch :meth:`commit` would send now, without sending or changing anything:
+        per shard the batch (changed rows, schedule, KV copies). None if nothing would
+        change. For tools and benchmarks that measure or inspect the commit path."""
+        n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
+        with self._lock:
+            self._settle()
+            schedule = None
+            if num_scheduled_tokens is not None or num_computed_tokens is not None:
+                schedule = self._check_schedule(n, num_scheduled_tokens, num_computed_tokens)
+            return self._committer.stage(n, schedule)
+
+    @_locked
+    def wait(self) -> CommitReceipt | None:
+        """The confirmed receipt of the last ``commit(..., wait=False)`` (None if nothing is
+        in flight); raises :class:`ShardFailedError` if that epoch failed."""
+        backend = self._open()
+        return self._health.watch(lambda: self._committer.settle(backend))
+
+    def _settle(self) -> None:
+        if self._committer.in_flight:
+            backend = self._open()
+            self._health.watch(lambda: self._committer.settle(backend))
+
+    def _check_schedule(self, n: int, sched: object, done: object):
+        step = step_config(self.page_sizes, self.max_num_batched_tokens, self.layout)
+        if step is None:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} does not split into "
+                f"equal token blocks over the {self.layout.num_blocks} devices of the row "
+                "axis: this table cannot build step inputs"
+            )
+        return self._mirror.check_schedule(n, sched, done, step.tokens_per_shard)
+
+    # -- reads that reach the shards ---------------------------------------------------
+
+    def _read(self, fn: Callable[[Backend], Any]) -> Any:
+        """A read on the shards; a lost shard fails the table closed."""
+        with self._lock:
+            self._settle()
+            return self._health.call(lambda: fn(self._open()), self.recover)
+
+    @_locked  # a commit in another thread would donate the buffers under us
+    def _group_array(self, group: int) -> jax.Array:
+        backend = self._open()
+        self._health.check()
+        return backend.group_array(group)
+
+    def device_snapshot(self, group: int) -> np.ndarray:
+        """``i32[R, P]`` numpy copy of group ``group``'s committed device table."""
+        group = check_index(group, len(self._views), "group")
+        return self._read(lambda backend: backend.device_snapshot(group))
+
+    def step_snapshot(self) -> StepInputs:
+        """Numpy copies of the last epoch's step inputs, gathered from every shard: token
+        rows, positions and per-group slot mapping ``i32[T]``, kv lens ``i32[R]``, and
+        ``cu_q_lens`` ``i32[S, R/S + 1]`` (shard ``s``'s tokens fill ``[s*T/S, (s+1)*T/S)``).
+        Raises if that epoch carried no schedule."""
+        return gather_step_inputs(self._read(lambda backend: backend.step_snapshot()))
+
+    def run_on_shards(self, fn: Callable[..., Any], *args: Any, step: bool = False) -> list[Any]:
+        """Run ``fn(list_of_group_arrays, *args)`` in every shard process at once.
+
+        The arrays are the committed global arrays (each process sees its addressable part),
+        so a jitted function over them is an SPMD program across the shard processes. ``fn``
+        is trusted driver code, run with the shard process's privileges; if it raises,
+        :class:`RunOnShardsError` names the shard and the table stays healthy. With
+        ``step=True`` it is called ``fn(arrays, step, *args)``: ``step`` is a
+        :class:`~sharded_pagetable.shard.step.ShardStep` holding the epoch's step inputs as
+        global arrays and the KV copies the model step owes before attention.
+        """
+        return self._read(lambda backend: backend.run_on_shards(fn, *args, step=step))
+
+    def shard_status(self) -> list[tuple[int, int]]:
+        """``(epoch, checksum)`` each shard reports now; all equal to ``(t.epoch, receipt
+        checksum)`` when the table is healthy."""
+        return self._read(lambda backend: [(a.epoch, a.checksum) for a in backend.status()])
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -243,37 +445,23 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
         """Replace the shards and rebuild them at the last published epoch.
 
         Every shard is restarted (a JAX distributed job cannot continue without one of its
-        processes), re-seeded from the coordinator's published rows and verified by
-        checksum. Pending changes stay pending for the next commit. The page table survives;
-        what the shard processes computed does not: ``lost_kv_rows`` then names every row
-        that was live, whose KV the scheduler must recompute. Returns the seconds it took;
-        raises :class:`ShardFailedError` if a new shard fails too.
+        processes), re-seeded from the mirror's published rows and verified by checksum.
+        Pending changes stay pending for the next commit. The page table survives; what the
+        shard processes computed does not: ``lost_kv_rows`` then names every row that was
+        live, whose KV the scheduler must recompute. Returns the seconds it took; raises
+        :class:`ShardFailedError` if a new shard fails too.
         """
         with self._lock:
             backend = self._open()
             with contextlib.suppress(ShardFailedError):
-                self._settle_in_flight()  # a failure it finds is what is being recovered
-            if self._fenced is not None:
-                raise self._fenced  # the shards belong to a newer coordinator: never restart them
+                self._settle()  # a failure it finds is what is being recovered
+            health = self._health
+            if health.fenced is not None:
+                raise health.fenced  # the shards belong to a newer coordinator
             t0 = time.perf_counter()
-            self.lost_kv_rows = live_rows(self._hosts)
-            try:
-                backend.restart()
-                self._fence(backend)
-                states = published_states(self._hosts, self.layout, self.epoch, self.generation)
-                results = backend.reseed(states, self.generation)
-            except ShardFailedError as exc:
-                self._failed = exc
-                raise
-            except Exception as exc:
-                self._failed = ShardFailedError(-1, self.epoch, f"restart failed: {exc}")
-                raise self._failed from exc
-            failed = failures(results, self._expected, self.epoch, "re-seeded to")
-            if failed:
-                shard, reason = failed[0]
-                self._failed = ShardFailedError(shard, self.epoch, reason)
-                raise self._failed
-            self._failed = None
+            self.lost_kv_rows = self._mirror.live_rows()
+            health.watch(lambda: self._committer.rebuild(backend))
+            health.recovered()
             seconds = time.perf_counter() - t0
             self.recoveries.append(seconds)
             if self.metrics is not None:
@@ -285,13 +473,13 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
 
     # -- whole-table operations ----------------------------------------------------------
 
+    @_locked
     def clear(self) -> None:
         """Empty every row of every group, on the host and on every shard's devices."""
-        with self._lock:
-            self._live_backend()
-            for host in self._hosts:
-                host.reset()
-            self.commit(self.max_num_reqs)
+        self._open()
+        self._health.check()
+        self._mirror.reset()
+        self.commit(self.max_num_reqs)
 
     def close(self, stop_shards: bool | None = None) -> None:
         """Release the shards (actors and devices). Safe to call twice.
@@ -304,15 +492,15 @@ class ShardedPageTable(GuardedRowOps, ShardReads, Commits):
         with self._lock:
             if self._backend is not None:
                 with contextlib.suppress(ShardFailedError, FencedError):
-                    self._settle_in_flight()
+                    self._settle()
             backend, self._backend = self._backend, None
             if backend is None:
                 return
             stop = backend.started_shards if stop_shards is None else stop_shards
-            if self._fenced is not None or not stop:
+            if self._health.fenced is not None or not stop:
                 backend.detach()
             else:
-                backend.close(clean=self._failed is None)
+                backend.close(clean=self._health.failed is None)
 
     def __enter__(self) -> ShardedPageTable:
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,42 +21,68 @@ from ..table.host import HostRows
 from .backend import Result
 
 
+@dataclass(frozen=True)
+class EpochId:
+    """Which epoch a plan is: its number, the epoch it builds on, the sending generation."""
+
+    epoch: int
+    base: int
+    generation: int
+
+
+@dataclass(frozen=True, eq=False)
+class EpochPlan:
+    """One staged epoch: what every shard is sent, and what the mirror publishes.
+
+    ``batches`` are the changed rows of each group over global rows, ``cuts`` where the
+    shards' bounds fall among them (found once, for the split and the checksums alike),
+    ``schedule`` the step's token counts of every row (or None), ``messages`` one batch
+    per shard, ``kv_copies`` each group's whole copy plan.
+    """
+
+    id: EpochId
+    num_reqs: int
+    batches: tuple[GroupBatch, ...]
+    cuts: tuple[np.ndarray, ...]
+    schedule: Schedule | None
+    messages: tuple[ShardBatch, ...]
+    kv_copies: tuple[np.ndarray, ...]
+    versions: tuple[int, ...]  # each group's cpu_version when staged: a later change voids it
+
+
 def shard_messages(
-    epoch: int,
-    base: int,
-    generation: int,
+    epoch: EpochId,
     batches: Sequence[GroupBatch],
-    layout: ShardLayout,
+    cuts: Sequence[np.ndarray],
+    bounds: np.ndarray,
     schedule: Schedule | None,
     kv_copies: tuple[np.ndarray, ...],
-) -> list[ShardBatch]:
+) -> tuple[ShardBatch, ...]:
     """One epoch's batch for every shard: its rows of every group's batch (renumbered
     locally), its rows' slice of the step schedule, and the whole KV copy plan."""
-    bounds = layout.bounds
-    pieces = [b.split(bounds) for b in batches]  # [group][shard]
+    pieces = [b.split(bounds, cut) for b, cut in zip(batches, cuts, strict=True)]  # [g][s]
     out = []
-    for s in range(layout.num_shards):
+    for s in range(len(bounds) - 1):
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         part = None if schedule is None else Schedule(schedule.sched[lo:hi], schedule.done[lo:hi])
         groups = tuple(p[s] for p in pieces)
-        out.append(ShardBatch(epoch, base, s, groups, generation, part, kv_copies))
-    return out
+        out.append(
+            ShardBatch(epoch.epoch, epoch.base, s, groups, epoch.generation, part, kv_copies)
+        )
+    return tuple(out)
 
 
 def expected_after(
-    expected: Sequence[int],
-    batches: Sequence[GroupBatch],
-    deltas: Sequence[np.ndarray],
-    bounds: np.ndarray,
+    expected: Sequence[int], cuts: Sequence[np.ndarray], deltas: Sequence[np.ndarray]
 ) -> list[int]:
-    """Each shard's checksum once ``batches`` (global rows) are applied, from ``expected``
-    and every row's change ``deltas`` (``HostRows.terms_after``); ``bounds`` are the shards'
-    first rows (``ShardLayout.bounds``)."""
+    """Each shard's checksum once an epoch is applied, from ``expected`` and every changed
+    row's checksum change ``deltas`` (``HostRows.terms_after``), per group, split by shard at
+    ``cuts`` (:attr:`EpochPlan.cuts`)."""
     out = list(expected)
-    for batch, delta in zip(batches, deltas, strict=True):
+    for cut, delta in zip(cuts, deltas, strict=True):
         running = np.zeros(delta.size + 1, np.uint64)
         np.cumsum(delta, dtype=np.uint64, out=running[1:])
-        cut = np.searchsorted(batch.row, bounds).tolist()
+        cut = cut.tolist()
         for s in range(len(out)):
             out[s] = checksum.add(out[s], int(running[cut[s + 1]]) - int(running[cut[s]]))
     return out

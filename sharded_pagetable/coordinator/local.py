@@ -17,8 +17,7 @@ from ..errors import RunOnShardsError
 from ..routing.layout import ShardLayout
 from ..rows.device import assemble
 from ..rows.messages import ShardBatch
-from ..shard.shard import Shard, ShardSpec
-from ..shard.step import shard_step
+from ..shard.shard import Shard, ShardSpec, step_of
 from ..shard.step_inputs import StepInputs
 from .backend import Result
 
@@ -95,15 +94,7 @@ class LocalBackend:
         """``fn`` once: every shard lives in this one process, which sees the whole arrays
         (the result stands for every shard)."""
         arrays = [self.group_array(g) for g in range(len(self.specs[0].widths))]
-        first = self.shards[0]
-        extra = ()
-        if step:
-            if first.step is None:
-                raise RuntimeError("this table's shards build no step inputs")
-            states = [s.step for s in self.shards]
-            rows = first.devices[0].shape[0]
-            view = shard_step(first.epoch, states, self.sharding, self.num_shards, rows, arrays)
-            extra = (view,)
+        extra = (step_of(self.shards, self.num_shards, arrays),) if step else ()
         try:
             result = fn(arrays, *extra, *args)
         except Exception as exc:

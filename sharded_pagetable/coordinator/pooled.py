@@ -16,13 +16,25 @@ from ..routing.pools import PagePools
 from ..table.host import HostRows, PageIds
 from ..table.row_ops import MultiGroupRowOps
 from ..table.validation import group_lists
-from .view import synchronized, when_open
 
 
 class PooledRowOps(MultiGroupRowOps):
-    """:class:`MultiGroupRowOps` that keeps every row's pages in its own shard's pool."""
+    """:class:`MultiGroupRowOps` that keeps every row's pages in its own shard's pool.
 
-    _pools: PagePools | None = None
+    Args:
+      hosts, page_sizes, max_num_batched_tokens: as for :class:`MultiGroupRowOps`.
+      pools: the shards' page pools, or None (page ids are global).
+    """
+
+    def __init__(
+        self,
+        hosts: Sequence[HostRows],
+        page_sizes: Sequence[int],
+        max_num_batched_tokens: int,
+        pools: PagePools | None,
+    ) -> None:
+        super().__init__(hosts, page_sizes, max_num_batched_tokens)
+        self._pools = pools
 
     def _check_ids(self, group: int, row: int, page_ids: object) -> PageIds:
         """The validated copy of the ids (see :class:`MultiGroupRowOps`), refused unless
@@ -160,16 +172,3 @@ def _holder(
         return None
     r, c = np.argwhere(hit)[0]
     return int(r) + lo, int(table[r, c])
-
-
-class GuardedRowOps(PooledRowOps):
-    """Row operations serialised under the table's lock (scheduler threads may share a
-    table) and refused once the table is closed."""
-
-    append_row = when_open(PooledRowOps.append_row)
-    add_row = when_open(PooledRowOps.add_row)
-    clear_row = when_open(PooledRowOps.clear_row)
-    move_row = when_open(PooledRowOps.move_row)
-    swap_row = when_open(PooledRowOps.swap_row)
-    append_rows_batch = when_open(PooledRowOps.append_rows_batch)
-    compute_slot_mapping = synchronized(PooledRowOps.compute_slot_mapping)

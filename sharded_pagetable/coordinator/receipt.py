@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ class ShardReceipt:
     rows: int  # row updates sent to this shard, over all groups
     bytes: int  # int32 payload of the shard's batch (its columns), the same on every backend
     checksum: int  # u64 checksum of the shard's rows at this epoch, as the shard reported it
+    apply_us: int = 0  # how long the shard took to apply its batch, as it reported (confirmed)
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,15 @@ class CommitReceipt:
     kv_copies: tuple[np.ndarray, ...] = ()
     confirmed: bool = True  # False for commit(wait=False) until wait() confirms the epoch
 
-    def confirm(self) -> CommitReceipt:
-        """This receipt once every shard confirmed its epoch."""
-        return dataclasses.replace(self, confirmed=True)
+    def confirm(self, apply_us: Sequence[int] = ()) -> CommitReceipt:
+        """This receipt once every shard confirmed its epoch (``apply_us``: each shard's own
+        apply time, from its ack)."""
+        shards = self.shards
+        if apply_us:
+            shards = tuple(
+                dataclasses.replace(s, apply_us=us) for s, us in zip(shards, apply_us, strict=True)
+            )
+        return dataclasses.replace(self, shards=shards, confirmed=True)
 
     @property
     def rows(self) -> int:

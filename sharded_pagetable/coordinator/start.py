@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from jax.sharding import Mesh
 
-from ..config import RayOptions
+from ..config import RayOptions, check_table_shape
 from ..routing.layout import ShardLayout
 from ..routing.mesh import build_mesh, row_sharding
 from ..routing.pools import PagePools
@@ -19,30 +20,18 @@ from .local import LocalBackend
 
 
 def check_args(
-    *,
-    max_num_reqs: int,
-    max_model_len: int,
-    max_num_batched_tokens: int,
-    num_shards: int,
-    backend: str,
-    recover: str,
-    max_recoveries: int,
+    shape: tuple[int, int, int, tuple[int, ...]], num_shards: int, backend: str | Backend
 ) -> None:
-    """Refuse constructor arguments of ``ShardedPageTable`` that no backend could serve."""
-    if recover not in ("manual", "auto"):
-        raise ValueError(f"recover must be 'manual' or 'auto', got {recover!r}")
-    if check_count(max_recoveries, 1000, "max_recoveries") < 1:
-        raise ValueError(f"max_recoveries must be positive, got {max_recoveries}")
-    for name, value in (
-        ("max_num_reqs", max_num_reqs),
-        ("max_model_len", max_model_len),
-        ("max_num_batched_tokens", max_num_batched_tokens),
-    ):
+    """Refuse constructor arguments of ``ShardedPageTable`` that no backend could serve:
+    ``shape`` is ``(max_num_reqs, max_model_len, max_num_batched_tokens, page_sizes)``."""
+    names = ("max_num_reqs", "max_model_len", "max_num_batched_tokens")
+    for name, value in zip(names, shape, strict=False):
         if check_count(value, 2**31 - 1, name) < 1:
             raise ValueError(f"{name} must be positive, got {value}")
-    if backend not in ("local", "ray"):
+    if isinstance(backend, str) and backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     check_count(num_shards, 2**31 - 1, "num_shards")
+    check_table_shape(shape[0], shape[1], shape[3], num_shards)
 
 
 def check_pool_pages(num_pages: int | None, pools: PagePools) -> int:
@@ -67,31 +56,56 @@ def step_config(
     return StepConfig(page_sizes, tokens)
 
 
+@dataclass(frozen=True)
+class ShardShape:
+    """What every shard of a table is built from, whatever the backend.
+
+    Args:
+      max_num_reqs: rows of the whole table.
+      num_shards: shards the rows split over.
+      widths: pages per row of each group.
+      page_sizes: tokens per page of each group.
+      max_num_batched_tokens: the per-step token budget (step inputs).
+      warmup: compile device updates and kernels at start-up.
+    """
+
+    max_num_reqs: int
+    num_shards: int
+    widths: tuple[int, ...]
+    page_sizes: tuple[int, ...]
+    max_num_batched_tokens: int
+    warmup: bool = True
+
+    def specs(self, layout: ShardLayout) -> list[ShardSpec]:
+        step = step_config(self.page_sizes, self.max_num_batched_tokens, layout)
+        return [
+            ShardSpec(s, layout, self.widths, self.warmup, step) for s in range(self.num_shards)
+        ]
+
+
 def start_backend(
-    kind: str,
+    kind: str | Backend,
+    shape: ShardShape,
     mesh: Mesh | Mapping[str, int] | None,
-    *,
     row_axis: str,
-    max_num_reqs: int,
-    num_shards: int,
-    widths: tuple[int, ...],
-    page_sizes: tuple[int, ...],
-    max_num_batched_tokens: int,
-    warmup: bool,
     ray: RayOptions | Mapping[str, Any] | None,
     attach: bool,
 ) -> tuple[ShardLayout, dict[str, int], Backend]:
-    """Where the shards live: the one place that tells the backends apart."""
-
-    def specs(layout: ShardLayout) -> list[ShardSpec]:
-        step = step_config(page_sizes, max_num_batched_tokens, layout)
-        return [ShardSpec(s, layout, widths, warmup, step) for s in range(num_shards)]
-
+    """Where the shards live: the one place that tells the backends apart. ``kind`` is
+    ``"local"``, ``"ray"``, or a started backend (with ``layout`` and ``mesh_axes``)."""
+    if not isinstance(kind, str):
+        if kind.layout.num_shards != shape.num_shards:
+            raise ValueError(
+                f"the backend has {kind.layout.num_shards} shards, the table {shape.num_shards}"
+            )
+        return kind.layout, dict(kind.mesh_axes), kind
+    rows, shards = shape.max_num_reqs, shape.num_shards
     if kind == "local":
         if mesh is None or isinstance(mesh, Mapping):
             mesh = build_mesh(mesh, row_axis)
-        layout = ShardLayout(max_num_reqs, num_shards, mesh.shape[row_axis])
-        return layout, dict(mesh.shape), LocalBackend(specs(layout), row_sharding(mesh, row_axis))
+        layout = ShardLayout(rows, shards, mesh.shape[row_axis])
+        backend = LocalBackend(shape.specs(layout), row_sharding(mesh, row_axis))
+        return layout, dict(mesh.shape), backend
     from ray_actors.backend import RayBackend
 
     options = RayOptions.from_value(ray)
@@ -100,8 +114,8 @@ def start_backend(
             "backend='ray' builds its mesh inside the shard processes: pass mesh as a "
             "mapping of axis sizes such as {'data': 8}, not a Mesh"
         )
-    axes = dict(mesh) if mesh else {row_axis: num_shards * options.devices_per_shard}
+    axes = dict(mesh) if mesh else {row_axis: shards * options.devices_per_shard}
     if row_axis not in axes:
         raise ValueError(f"row_axis {row_axis!r} is not an axis of the mesh {axes}")
-    layout = ShardLayout(max_num_reqs, num_shards, axes[row_axis])
-    return layout, axes, RayBackend(specs(layout), axes, row_axis, options, attach=attach)
+    layout = ShardLayout(rows, shards, axes[row_axis])
+    return layout, axes, RayBackend(shape.specs(layout), axes, row_axis, options, attach=attach)

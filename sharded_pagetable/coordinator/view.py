@@ -1,25 +1,12 @@
-"""Small pieces of the coordinator's surface: ``t[g]`` and the table-wide lock."""
+"""``t[g]`` of a sharded table."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
 from ..table.host import HostRows, HostView
-
-
-def synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``method`` under the table's lock, so scheduler threads may share a table."""
-
-    @functools.wraps(method)
-    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return locked
 
 
 class GroupView(HostView):
@@ -44,15 +31,3 @@ class GroupView(HostView):
         """The group's global array (``backend="local"`` only: elsewhere it lives in the shard
         processes; use ``run_on_shards`` or ``device_snapshot``)."""
         return self._device_tensor()
-
-
-def when_open(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``synchronized(method)`` that first refuses a closed table (a row op after
-    ``close()`` must not change a mirror nobody will publish)."""
-
-    @functools.wraps(method)
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self._open()
-        return method(self, *args, **kwargs)
-
-    return synchronized(call)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -166,18 +167,12 @@ class DeviceRows:
         """
         if rows.size == 0:
             return 0
-        # Rows are sorted: split them at block boundaries.
-        cuts = np.searchsorted(rows, self._starts[1:]).tolist()
         dispatches = 0
-        for start, i, j in zip(self._starts.tolist(), [0, *cuts], [*cuts, rows.size], strict=True):
-            if j == i:
-                continue
-            stop = start + self.block_rows
-            whole = (j - i) * _WHOLE_BLOCK_FRACTION >= self.block_rows and stop <= whole_below
-            if whole:
-                block = np.array(source[start - self.lo : stop - self.lo], dtype=np.int32)
+        for start, i, j in self._spans(rows):
+            k = j - i
+            if self._mostly_changed(start, k, self.block_rows, whole_below):
+                self._put_block(start, source)
             else:
-                k = j - i
                 bucket = next(b for b in self._buckets if b >= k)
                 idx = np.full(bucket, self.block_rows, dtype=np.int32)
                 idx[:k] = rows[i:j] - start
@@ -185,13 +180,38 @@ class DeviceRows:
                 take[:k] = rows[i:j] - self.lo
                 take[k:] = take[k - 1]  # padding repeats a real row; its index is dropped
                 vals = source.take(take, axis=0)
-            for device in self._replicas[start]:
-                if whole:
-                    self._buffers[device] = jax.device_put(block, device)
-                else:
+                for device in self._replicas[start]:
                     self._buffers[device] = _scatter_rows(self._buffers[device], idx, vals)
-                dispatches += 1
+            dispatches += len(self._replicas[start])
         return dispatches
+
+    def _cuts(self, rows: np.ndarray) -> list[int]:
+        """Where sorted global ``rows`` cross into each owned block: ``rows[c[b]:c[b + 1]]``
+        lie in the block starting at ``self._starts[b]``."""
+        return [0, *np.searchsorted(rows, self._starts[1:]).tolist(), rows.size]
+
+    def _spans(self, rows: np.ndarray) -> list[tuple[int, int, int]]:
+        """``(block start, i, j)`` for each owned block that ``rows[i:j]`` (sorted global
+        rows) fall in, skipping blocks none falls in."""
+        cut = self._cuts(rows)
+        return [
+            (start, i, j)
+            for start, i, j in zip(self._starts.tolist(), cut[:-1], cut[1:], strict=True)
+            if i != j
+        ]
+
+    def _mostly_changed(self, start: int, changed: int, size: int, whole_below: int) -> bool:
+        """Whether to upload the block starting at global row ``start`` whole: it lies below
+        ``whole_below`` and ``changed`` of its ``size`` entries (rows or cells) are at least
+        1/_WHOLE_BLOCK_FRACTION of them."""
+        return changed * _WHOLE_BLOCK_FRACTION >= size and start + self.block_rows <= whole_below
+
+    def _put_block(self, start: int, source: np.ndarray) -> None:
+        """Upload the block starting at global row ``start`` whole from ``source`` (indexed
+        by ``row - lo``) to every device holding it."""
+        block = np.array(source[start - self.lo : start - self.lo + self.block_rows], np.int32)
+        for device in self._replicas[start]:
+            self._buffers[device] = jax.device_put(block, device)
 
     def _put_block_cells(
         self, start: int, rows: np.ndarray, cols: np.ndarray, source: np.ndarray
@@ -213,16 +233,10 @@ class DeviceRows:
         ``source``; a block below ``whole_below`` that mostly changed is uploaded whole."""
         if rows.size == 0:
             return
-        cuts = np.searchsorted(rows, self._starts[1:]).tolist()
-        width = self.shape[1]
-        for start, i, j in zip(self._starts.tolist(), [0, *cuts], [*cuts, rows.size], strict=True):
-            if j == i:
-                continue
-            stop = start + self.block_rows
-            if (j - i) * _WHOLE_BLOCK_FRACTION >= self.block_rows * width and stop <= whole_below:
-                block = np.array(source[start - self.lo : stop - self.lo], dtype=np.int32)
-                for device in self._replicas[start]:
-                    self._buffers[device] = jax.device_put(block, device)
+        cells = self.block_rows * self.shape[1]
+        for start, i, j in self._spans(rows):
+            if self._mostly_changed(start, j - i, cells, whole_below):
+                self._put_block(start, source)
             else:
                 self._put_block_cells(start, rows[i:j], cols[i:j], source)
 
@@ -244,24 +258,25 @@ class DeviceRows:
         return out
 
 
-def update_groups(
-    groups: Sequence[DeviceRows],
-    updates: Sequence[tuple[np.ndarray, np.ndarray, int, tuple[np.ndarray, np.ndarray]] | None],
-) -> None:
-    """Publish several groups' changes (``(rows, source, whole_below, cells)`` each, or None)
-    on device blocks they share, with one dispatch per device where every group's change in a
-    block is a small cell batch (the decode case); other blocks take the per-group path.
+class GroupUpdate(NamedTuple):
+    """One group's change for :func:`update_groups`: what :meth:`DeviceRows.update_cells`
+    takes."""
+
+    rows: np.ndarray  # i32[k] the rows the group's batch touched (local)
+    source: np.ndarray  # i32[hi - lo, P] the group's table, indexed by ``row - lo``
+    whole_below: int  # blocks below this global row may be uploaded whole
+    cells: tuple[np.ndarray, np.ndarray]  # (i64[n] global rows, non-decreasing; i64[n] cols)
+
+
+def update_groups(groups: Sequence[DeviceRows], updates: Sequence[GroupUpdate | None]) -> None:
+    """Publish several groups' changes (one :class:`GroupUpdate` each, or None) on device
+    blocks they share, with one dispatch per device where every group's change in a block is
+    a small cell batch (the decode case); other blocks take the per-group path.
     All groups must cover the same rows with the same sharding.
     """
     first = groups[0]
-    bounds = first._starts[1:]
     # Per group: cell cut points per block (or None when the group has nothing to send).
-    cuts = [
-        None
-        if u is None or u[0].size == 0
-        else [0, *np.searchsorted(u[3][0], bounds).tolist(), u[3][0].size]
-        for u in updates
-    ]
+    cuts = [None if u is None or u.rows.size == 0 else first._cuts(u.cells[0]) for u in updates]
     for b, start in enumerate(first._starts.tolist()):
         spans = [None if cut is None else (cut[b], cut[b + 1]) for cut in cuts]
         if all(sp is None or sp[0] == sp[1] for sp in spans):
@@ -271,12 +286,13 @@ def update_groups(
             for g, u in enumerate(updates):
                 if sizes[g]:
                     ci, cj = spans[g]
-                    groups[g].update_cells(u[3][0][ci:cj], u[3][1][ci:cj], u[1], u[2])
+                    rows, cols = u.cells
+                    groups[g].update_cells(rows[ci:cj], cols[ci:cj], u.source, u.whole_below)
             continue
         rcv = np.zeros((len(groups), 3, cell_bucket(max(sizes))), dtype=np.int32)
         for g, u in enumerate(updates):
             if sizes[g]:
-                kernels.pack_cells(rcv[g], u[3], u[1], groups[g].lo, start, spans[g])
+                kernels.pack_cells(rcv[g], u.cells, u.source, groups[g].lo, start, spans[g])
         ks = np.array(sizes, dtype=np.int32)
         for device in first._replicas[start]:
             bufs = tuple(dev._buffers[device] for dev in groups)

@@ -53,11 +53,16 @@ class GroupBatch:
         z = np.empty(0, dtype=np.int32)
         return cls(z, z, z, z, z)
 
-    def split(self, bounds: Sequence[int]) -> list[GroupBatch]:
+    def cuts(self, bounds: Sequence[int]) -> np.ndarray:
+        """``i64[len(bounds)]`` where each of row ``bounds`` falls among this batch's rows."""
+        return np.searchsorted(self.row, np.asarray(bounds, dtype=np.int32))
+
+    def split(self, bounds: Sequence[int], cut: np.ndarray | None = None) -> list[GroupBatch]:
         """The batch cut at row ``bounds`` (``b[0] <= b[1] <= ...``): piece ``s`` holds rows
-        ``[b[s], b[s + 1])``, renumbered from ``b[s]``."""
+        ``[b[s], b[s + 1])``, renumbered from ``b[s]`` (``cut``: :meth:`cuts` of ``bounds``,
+        when the caller has it already)."""
         bounds = np.asarray(bounds, dtype=np.int32)
-        cut = np.searchsorted(self.row, bounds)
+        cut = self.cuts(bounds) if cut is None else cut
         written = np.zeros(self.row.size + 1, np.int64)
         np.cumsum(self.count - self.start, out=written[1:])
         # Every row renumbered at once (rows outside the bounds belong to no piece).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
@@ -27,9 +28,9 @@ from ..errors import FencedError, WireFormatError
 from ..routing.layout import ShardLayout
 from ..rows import checksum, kernels
 from ..rows.checksum import GroupConsts, segment_index
-from ..rows.device import DeviceRows, assemble, update_groups, warmup_groups
+from ..rows.device import DeviceRows, GroupUpdate, assemble, update_groups, warmup_groups
 from ..rows.messages import Ack, GroupBatch, ShardBatch
-from .step import StepConfig, StepState
+from .step import SavedStep, ShardStep, StepConfig, StepState, shard_step
 from .step_inputs import StepInputs
 from .wire import WireLimits, decode
 
@@ -102,7 +103,7 @@ class _Undo:
     applied: ShardBatch | bytes | None  # the message of that epoch
     checksum: int
     groups: list[_GroupUndo | None]
-    step: tuple | None = None  # StepState.saved() before the epoch
+    step: SavedStep | None = None  # the step state before the epoch
 
 
 class Shard:
@@ -222,7 +223,7 @@ class Shard:
         self._check(batch)
         undo = _Undo(self.epoch, self._applied, self.checksum, [])
         total = self.checksum
-        device_updates: list = [None] * len(batch.groups)
+        device_updates: list[GroupUpdate | None] = [None] * len(batch.groups)
         for g, gb in enumerate(batch.groups):
             if gb.size == 0:
                 undo.groups.append(None)
@@ -233,7 +234,7 @@ class Shard:
             )
             undo.groups.append(_GroupUndo(gb.row, before))
             total = checksum.add(total, delta)
-            device_updates[g] = (gb.row, table, self.hi, cells)
+            device_updates[g] = GroupUpdate(gb.row, table, self.hi, cells)
         update_groups(self.devices, device_updates)
         if self.step is not None:
             undo.step = self.step.saved()
@@ -338,3 +339,18 @@ class Shard:
     def snapshot(self, group: int) -> np.ndarray:
         """``i32[rows_per_shard, P]`` copy of this shard's rows as its devices hold them."""
         return self.devices[group].to_numpy()
+
+
+def step_of(
+    shards: Sequence[Shard], num_shards: int, tables: Sequence[jax.Array] | None = None
+) -> ShardStep:
+    """The :class:`ShardStep` a ``run_on_shards(fn, step=True)`` function gets, over the
+    ``shards`` this process holds: every shard for the local backend (which passes the
+    global ``tables`` too), its one shard in a Ray shard process. Raises ``RuntimeError``
+    when the shards were built without step inputs."""
+    first = shards[0]
+    if first.step is None:
+        raise RuntimeError("this table's shards build no step inputs")
+    states = [s.step for s in shards]
+    rows = first.spec.layout.max_num_reqs
+    return shard_step(first.epoch, states, first.sharding, num_shards, rows, tables)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -21,31 +22,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..routing.mesh import SHARD_AXIS, shard_mesh, shard_submesh
+from ..rows.copies import compose, plan_of
 from ..rows.device import DeviceRows, assemble
 from ..rows.messages import Schedule, ShardBatch
 from .step_inputs import StepInputs, build_step_inputs
-
-_NO_COPIES = np.zeros((2, 0), np.int32)
-
-
-def compose(pending: dict[int, int], plan: np.ndarray) -> None:
-    """Add ``plan`` (``i32[2, K]``, all read before any is written) to ``pending``
-    (destination -> source page): a source that is itself a pending destination resolves to
-    the page that holds the KV now."""
-    resolved = [pending.get(s, s) for s in plan[0].tolist()]
-    for s, d in zip(resolved, plan[1].tolist(), strict=True):
-        if s == d:
-            pending.pop(d, None)
-        else:
-            pending[d] = s
-
-
-def plan_of(pending: dict[int, int]) -> np.ndarray:
-    """``i32[2, K]`` (source, destination) of ``pending``, by destination."""
-    if not pending:
-        return _NO_COPIES
-    dst = sorted(pending)
-    return np.array([[pending[d] for d in dst], dst], dtype=np.int32)
 
 
 @dataclass(frozen=True)
@@ -55,6 +35,14 @@ class StepConfig:
 
     page_sizes: tuple[int, ...]
     tokens_per_shard: int
+
+
+class SavedStep(NamedTuple):
+    """What :meth:`StepState.restore` needs to step back over one :meth:`StepState.advance`."""
+
+    schedule: Schedule | None
+    inputs: StepInputs | None
+    copies: list[list[dict[int, int]]]  # per group, rounds of destination -> source page
 
 
 class StepState:
@@ -91,14 +79,14 @@ class StepState:
             self._inputs = self._build(self.schedule, self._devices)
         return self._inputs
 
-    def saved(self) -> tuple:
+    def saved(self) -> SavedStep:
         """What :meth:`restore` needs to step back over the next :meth:`advance`."""
         rounds = [[dict(r) for r in g] for g in self.copies]
-        return self.schedule, self._inputs, rounds
+        return SavedStep(self.schedule, self._inputs, rounds)
 
-    def restore(self, saved: tuple) -> None:
-        self.schedule, self._inputs = saved[0], saved[1]
-        self.copies = [[dict(r) for r in g] for g in saved[2]]
+    def restore(self, saved: SavedStep) -> None:
+        self.schedule, self._inputs = saved.schedule, saved.inputs
+        self.copies = [[dict(r) for r in g] for g in saved.copies]
 
     def reset(self) -> None:
         self.schedule = self._inputs = None
@@ -113,7 +101,7 @@ class StepState:
                 continue
             if not rounds or set(plan[1].tolist()) & set(rounds[-1].values()):
                 rounds.append({})  # it writes a page the last round still reads
-            compose(rounds[-1], plan)
+            compose(rounds[-1], plan[0].tolist(), plan[1].tolist())
 
     def _build(self, schedule: Schedule, devices: Sequence[DeviceRows]) -> StepInputs:
         rows = len(schedule.sched)

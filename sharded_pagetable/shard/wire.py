@@ -2,10 +2,12 @@
 
 A batch (one per shard per commit, and the full-state messages of recovery and attach) is a
 msgpack map ``{"v", "epoch", "base", "shard", "groups"}`` plus ``"gen"`` (the coordinator's
-generation; absent means 0) and, for a commit with a step schedule, ``"sched"`` and
-``"done"`` (one int32 per shard row); ``groups`` holds one map per KV-cache group with the columns
-of :class:`~.messages.GroupBatch` as little-endian int32 byte strings. A reply is
-``{"v", "ack": [shard, epoch, checksum, rows, applied, generation, apply_us]}`` or
+generation; absent means 0), for a commit with a step schedule ``"sched"`` and ``"done"``
+(one int32 per shard row), and for a commit with KV copies ``"copies"`` (a list of one
+``i32[2, K]`` plan per group: source pages then destination pages, each destination once;
+absent when no group has a copy). ``groups`` holds one map per KV-cache group with the
+columns of :class:`~.messages.GroupBatch`. Every array is sent as little-endian int32 bytes.
+A reply is ``{"v", "ack": [shard, epoch, checksum, rows, applied, generation, apply_us]}`` or
 ``{"v", "refused": [shard, kind, message, generation]}``.
 
 Decoding is strict: exact keys, bounded sizes, no extension types, consistent lengths and
@@ -37,13 +39,13 @@ _MAX_EPOCH = 2**63 - 1
 _MAX_U64 = 2**64 - 1
 _MAX_REPLY = 4096  # bytes; a refusal's message is cut to fit
 _MAX_REASON = 1024  # characters of a refusal's message
-_VALUE_ERRORS = {
-    1: "rows must be strictly increasing within the shard",
-    2: "need 0 <= start <= count <= pages per row for every op",
-    3: "unknown op code",
-    4: "SET must start at 0 and CLEAR must empty the row",
-    5: "APPEND must add pages after a non-empty row",
-    6: f"page ids must be in 0..{MAX_PAGE_ID}",
+_VALUE_ERRORS = {  # what each error code of kernels.check_values means
+    kernels.ROWS_ORDER: "rows must be strictly increasing within the shard",
+    kernels.RANGE: "need 0 <= start <= count <= pages per row for every op",
+    kernels.OP_CODE: "unknown op code",
+    kernels.SET_CLEAR: "SET must start at 0 and CLEAR must empty the row",
+    kernels.APPEND_SHAPE: "APPEND must add pages after a non-empty row",
+    kernels.NEG_PAGE: f"page ids must be in 0..{MAX_PAGE_ID}",
 }
 
 

@@ -2,9 +2,13 @@
 
 :class:`HostRows` is the one owner of a group's rows and of their publication, for the
 single-process table and for the sharded coordinator's mirror alike. Row operations change
-the live table and mark rows; a commit asks for the pending :meth:`~HostRows.batch`, sends
-it wherever it goes, then :meth:`~HostRows.settle`\\ s it (or simply drops it: nothing
-published changes until settle, so a failed commit needs no undo).
+the live table and mark rows; a commit asks for the pending :meth:`~HostRows.batch` (and
+:meth:`~HostRows.copy_plan`), sends it wherever it goes, then takes it as published. The
+single-process table, whose commit cannot fail, does that with :meth:`~HostRows.settle`. The
+sharded coordinator publishes with :meth:`~HostRows.publish` as soon as it sends, so the
+next step can be built while the epoch is on its way; that returns an :class:`Unpublish`,
+and :meth:`~HostRows.unpublish` with it steps back if the epoch fails, keeping the changes
+made since.
 
 Every ``check_*`` method validates and returns normalised arguments without touching state;
 the write methods assume their arguments were checked, so a caller can validate a whole
@@ -20,14 +24,12 @@ import numpy as np
 
 from ..constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL
 from ..errors import PageTableFullError
-from ..rows import kernels
+from ..rows import copies, kernels
 from ..rows.checksum import GroupConsts, segment_index
 from ..rows.messages import GroupBatch
 from .validation import check_index, page_id_array
 
 PageIds = Sequence[int] | np.ndarray
-_NO_COPIES = np.zeros((2, 0), np.int32)
-_NO_COPIES.flags.writeable = False
 _NO_ROWS = GroupBatch.empty()
 CLEAN, APPENDED, REWRITTEN = 0, 1, 2
 
@@ -230,13 +232,7 @@ class HostRows:
         """The KV of pages ``src`` must reach pages ``dst`` before attention reads them (a row
         moved onto new pages). Copies recorded in one epoch are read before any is written,
         so a chain (a page copied on again) resolves to the page that holds the KV now."""
-        pending = self._copies
-        resolved = [pending.get(s, s) for s in src]
-        for s, d in zip(resolved, dst, strict=True):
-            if s == d:
-                pending.pop(d, None)
-            else:
-                pending[d] = s
+        copies.compose(self._copies, src, dst)
 
     def copy_sources(self) -> set[int]:
         """Pages whose KV a pending copy still reads."""
@@ -249,13 +245,9 @@ class HostRows:
         ``WireLimits``): past that, some copies land in pages no row holds any more (a row
         moved onto new pages, then cleared or moved again before a commit), and those are
         dropped: no attention reads them."""
-        if not self._copies:
-            return _NO_COPIES
         if len(self._copies) > self.table.size:
             self._drop_unheld_copies()
-        dst = np.array(sorted(self._copies), dtype=np.int32)
-        src = np.array([self._copies[d] for d in dst.tolist()], dtype=np.int32)
-        return np.stack([src, dst])
+        return copies.plan_of(self._copies)
 
     def _drop_unheld_copies(self) -> None:
         held = self.table[np.arange(self.capacity)[None, :] < self.counts[:, None]]

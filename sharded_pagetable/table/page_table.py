@@ -101,9 +101,15 @@ class PageTable(HostView):
         Device rows at or past ``num_reqs`` keep what they last held; their pending changes
         go out with a later commit that covers them.
         """
-        return self._commit(check_count(num_reqs, self.max_num_reqs, "num_reqs"))
+        return self.publish(check_count(num_reqs, self.max_num_reqs, "num_reqs"))
 
-    def _commit(self, n: int) -> int:
+    @property
+    def host(self) -> HostRows:
+        """This group's host rows (what :class:`MultiGroupPageTable` drives its row ops on)."""
+        return self._host
+
+    def publish(self, n: int) -> int:
+        """:meth:`commit` of an already checked ``n``; returns rows uploaded."""
         host = self._host
         batch = host.batch(n)
         if batch.size:
@@ -161,8 +167,6 @@ class MultiGroupPageTable(MultiGroupRowOps):
         check_count(max_model_len, 2**31 - 1, "max_model_len")
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.page_sizes = page_sizes
         self.page_tables = [
             PageTable(
                 max_num_reqs,
@@ -174,15 +178,12 @@ class MultiGroupPageTable(MultiGroupRowOps):
             )
             for size in page_sizes
         ]
-        self._hosts = [t._host for t in self.page_tables]
+        super().__init__([t.host for t in self.page_tables], page_sizes, max_num_batched_tokens)
 
     def commit(self, num_reqs: int) -> int:
         """Publish rows ``[0, num_reqs)`` of every group; returns rows uploaded in total."""
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
-        uploaded = 0
-        for table in self.page_tables:
-            uploaded += table._commit(n)
-        return uploaded
+        return sum(table.publish(n) for table in self.page_tables)
 
     def clear(self) -> None:
         for t in self.page_tables:

@@ -3,8 +3,8 @@
 Each public method validates its whole call across every KV-cache group before it writes
 anything, so a refused call leaves every group exactly as it was. It reads each of the
 caller's lists once, into the copies it validates and then writes (``_check_ids``), so a
-list another thread changes meanwhile cannot put an unchecked id in the table. Subclasses
-provide ``_hosts`` (one :class:`HostRows` per group) and the side-effect point, ``commit``.
+list another thread changes meanwhile cannot put an unchecked id in the table. The tables
+built on it add their one side-effect point, ``commit``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,20 @@ from .validation import check_index, check_list, group_lists, read_once
 
 
 class MultiGroupRowOps:
-    """The seed's ``MultiGroupPageTable`` row API over ``self._hosts``."""
+    """The seed's ``MultiGroupPageTable`` row API over one :class:`HostRows` per group.
 
-    _hosts: list[HostRows]
-    page_sizes: tuple[int, ...]
-    max_num_batched_tokens: int
+    Args:
+      hosts: each KV-cache group's rows (they all have the same number of rows).
+      page_sizes: tokens per page of each group.
+      max_num_batched_tokens: the per-step token budget (slot mapping).
+    """
+
+    def __init__(
+        self, hosts: Sequence[HostRows], page_sizes: Sequence[int], max_num_batched_tokens: int
+    ) -> None:
+        self._hosts = list(hosts)
+        self.page_sizes = tuple(page_sizes)
+        self.max_num_batched_tokens = max_num_batched_tokens
 
     @property
     def num_groups(self) -> int:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..constants import MAX_PAGE_ID
-from ..errors import PageTableFullError
 
 _EMPTY = np.empty(0, dtype=np.int32)
 _EMPTY.flags.writeable = False  # shared by every empty call
@@ -158,15 +157,6 @@ def int_items(values: Sequence, what: str) -> list[int]:
         if _not_an_int(v):
             raise ValueError(f"{what} must be integers, got {describe(v)} ({type(v).__name__})")
     return [int(v) for v in items]
-
-
-def check_capacity(row: int, count: int, extra: int, capacity: int) -> None:
-    """Raise ``PageTableFullError`` if a row holding ``count`` pages cannot take ``extra`` more."""
-    if count + extra > capacity:
-        raise PageTableFullError(
-            f"row {row} holds {count} pages; appending {extra} would exceed its capacity of "
-            f"{capacity} pages"
-        )
 
 
 def group_lists(page_ids: object, num_groups: int) -> list:

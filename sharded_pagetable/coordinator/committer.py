@@ -1,0 +1,157 @@
+"""The side-effect point of a sharded table: sending an epoch and confirming it.
+
+The committer owns the epoch state: the last confirmed epoch, this coordinator's
+generation, the checksum every shard must report, and the epoch in flight. A commit stages
+an epoch from the mirror, checks it against what a shard accepts, sends it and takes it as
+published in the mirror at once (so the scheduler may change rows for the next step while
+the shards apply this one). :meth:`EpochCommitter.settle` collects every shard's answer;
+if any failed, the shards that applied step back, the mirror steps back too (keeping every
+change made since) and the failure is raised. At most one epoch is in flight: the next
+commit, every read, ``recover()`` and ``close()`` settle it first; row operations do not
+(they only change the mirror).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import FencedError, ShardFailedError
+from ..rows.messages import Ack, Schedule
+from ..shard.wire import WireLimits
+from .backend import Backend, Result
+from .epochs import EpochId, EpochPlan, failures
+from .metrics import TableMetrics
+from .mirror import Mirror, Published
+from .receipt import CommitReceipt, ShardReceipt
+
+
+@dataclass(eq=False)
+class InFlight:
+    """An epoch sent and not yet confirmed."""
+
+    receipt: CommitReceipt
+    published: Published
+    started: float  # perf_counter() when the commit began
+
+
+class EpochCommitter:
+    """Sends epochs staged by a :class:`Mirror` and confirms them with every shard.
+
+    Args:
+      mirror: the rows epochs are staged from and published in.
+      wire_limits: what a shard accepts; a larger epoch is refused before it is sent.
+      metrics: where commits are recorded, or None.
+    """
+
+    def __init__(
+        self, mirror: Mirror, wire_limits: WireLimits, metrics: TableMetrics | None
+    ) -> None:
+        self.mirror = mirror
+        self.wire_limits = wire_limits
+        self.metrics = metrics
+        self.epoch = 0  # the last confirmed epoch
+        self.generation = 0  # this coordinator's (see fence)
+        self.expected = [0] * mirror.layout.num_shards  # u64 checksum each shard must report
+        self._in_flight: InFlight | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def stage(self, num_reqs: int, schedule: Schedule | None) -> EpochPlan | None:
+        """The next epoch as the mirror stages it (None if nothing would change)."""
+        epoch = EpochId(self.epoch + 1, self.epoch, self.generation)
+        return self.mirror.stage(epoch, num_reqs, schedule)
+
+    def send(self, backend: Backend, plan: EpochPlan | None, num_reqs: int) -> CommitReceipt:
+        """Send ``plan`` and take it as published in the mirror (unconfirmed); an oversized
+        epoch raises ``BatchTooLargeError`` before anything is sent."""
+        started = time.perf_counter()
+        if plan is None:
+            return CommitReceipt(self.epoch, num_reqs, False, ())
+        if plan.id != EpochId(self.epoch + 1, self.epoch, self.generation):
+            raise ValueError(f"epoch {plan.id} is not the next one; stage it again")
+        self.mirror.check_current(plan)
+        for message in plan.messages:  # an oversized epoch is the caller's error
+            self.wire_limits.check(message)
+        backend.send(plan.messages)
+        # While the shards apply: what each shard must report, and the mirror's new state.
+        published = self.mirror.publish(plan, self.expected)
+        receipts = tuple(
+            ShardReceipt(s, m.rows, m.nbytes, published.expected[s])
+            for s, m in enumerate(plan.messages)
+        )
+        receipt = CommitReceipt(
+            plan.id.epoch, num_reqs, True, receipts, plan.kv_copies, confirmed=False
+        )
+        self._in_flight = InFlight(receipt, published, started)
+        if self.metrics is not None:
+            self.metrics.sent(receipt)
+        return receipt
+
+    def settle(self, backend: Backend) -> CommitReceipt | None:
+        """Confirm the epoch in flight (None if there is none), or step everything back and
+        raise :class:`ShardFailedError` / :class:`FencedError`."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return None
+        epoch = flight.receipt.epoch
+        try:
+            acks = backend.collect()
+            self._confirm(backend, acks, flight.published.expected, epoch)
+        except BaseException:
+            self.mirror.unpublish(flight.published)
+            if self.metrics is not None:
+                self.metrics.failed()
+            raise
+        self.expected = flight.published.expected
+        self.epoch = epoch
+        if self.metrics is not None:
+            self.metrics.confirmed(epoch, time.perf_counter() - flight.started, acks)
+        return flight.receipt.confirm([a.apply_us for a in acks])
+
+    def _confirm(self, backend: Backend, results: list[Result], expected: list[int], epoch: int):
+        """Raise (after rolling back every shard that applied) unless every shard confirmed
+        ``epoch`` with the checksum expected of it."""
+        failed = failures(results, expected, epoch, "acked")
+        if not failed:
+            return
+        self.check_fenced(results)
+        applied = [s for s, r in enumerate(results) if isinstance(r, Ack) and r.epoch == epoch]
+        if applied:
+            self.check_fenced(backend.rollback(applied, epoch, self.generation))
+        shard, reason = failed[0]
+        raise ShardFailedError(shard, epoch, reason + "; nothing was published")
+
+    def check_fenced(self, results: Sequence[Result]) -> None:
+        """A newer coordinator owns the shards: raise the :class:`FencedError` saying so."""
+        for res in results:
+            if isinstance(res, FencedError):
+                raise FencedError(self.generation, res.holder)
+
+    def fence(self, backend: Backend) -> None:
+        """Make every shard obey this coordinator's generation."""
+        results = backend.fence(self.generation)
+        self.check_fenced(results)
+        for s, res in enumerate(results):
+            if isinstance(res, BaseException):
+                raise ShardFailedError(s, self.epoch, f"fence: {type(res).__name__}: {res}")
+
+    def rebuild(self, backend: Backend) -> None:
+        """Replace every shard and re-seed it from the mirror at the confirmed epoch (the
+        caller settled the epoch in flight); raises if a new shard fails too."""
+        try:
+            backend.restart()
+            self.fence(backend)
+            states = self.mirror.published_states(self.epoch, self.generation)
+            results = backend.reseed(states, self.generation)
+        except ShardFailedError:
+            raise
+        except Exception as exc:
+            raise ShardFailedError(-1, self.epoch, f"restart failed: {exc}") from exc
+        failed = failures(results, self.expected, self.epoch, "re-seeded to")
+        if failed:
+            shard, reason = failed[0]
+            raise ShardFailedError(shard, self.epoch, reason)
