@@ -236,6 +236,7 @@ class ShardServer:
         self._pending: OrderedDict[socket.socket, None] = OrderedDict()  # oldest first
         self._open: set[socket.socket] = set()
         self._closed = False
+        self.accepted = 0  # connections accepted so far (what a flood got through)
         # A short accept queue on purpose: under a connection flood any queue stays full, and a
         # new client waits backlog / accept rate in it. At SOMAXCONN (4096) every new client
         # took 1-2.5 s (~3k accepts/s, 2 cores); at 64, 1-60 ms, or 1-2 s for the ~15% whose
@@ -256,6 +257,7 @@ class ShardServer:
                 if self._closed:
                     conn.close()
                     return
+                self.accepted += 1
                 self._open.add(conn)
                 self._pending[conn] = None
                 if len(self._pending) > self._max_pending:
