@@ -86,7 +86,10 @@ def run(rev: str, args: argparse.Namespace) -> None:
     def kinds(sp):
         from importlib import import_module
 
-        mesh = import_module(sp.__name__ + (".routing.mesh" if sp is head else ".mesh"))
+        try:  # where the mesh helpers live depends on the version
+            mesh = import_module(sp.__name__ + ".routing.mesh")
+        except ModuleNotFoundError:
+            mesh = import_module(sp.__name__ + ".mesh")
         sharding = mesh.row_sharding(mesh.build_mesh(None, "data"), "data")
         out = {
             "MultiGroupPageTable (1 device)": lambda: sp.MultiGroupPageTable(

@@ -33,7 +33,7 @@ from ..errors import FencedError, ShardFailedError
 from ..routing.pools import PagePools
 from ..shard.step_inputs import StepInputs
 from ..shard.wire import WireLimits
-from ..table.host import HostRows, PageIds
+from ..table.host import HostRows
 from ..table.page_table import check_page_sizes
 from ..table.validation import check_count, check_index
 from .attach import take_over
@@ -45,7 +45,7 @@ from .metrics import TableMetrics
 from .mirror import Mirror
 from .reads import gather_step_inputs
 from .receipt import CommitReceipt
-from .start import ShardShape, check_args, check_pool_pages, start_backend, step_config
+from .start import ShardShape, check_args, check_pool_pages, start_backend
 from .view import GroupView
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,15 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _row_op(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A row operation: under the lock, refused once the table is closed (it must not
-    change a mirror nobody will publish)."""
+def _row_op(name: str) -> Callable[..., Any]:
+    """The mirror's row operation ``name`` as a method of the table: under the lock, and
+    refused once the table is closed (it must not change a mirror nobody will publish)."""
+    method = getattr(Mirror, name)
 
     @functools.wraps(method)
     def call(self: ShardedPageTable, *args: Any, **kwargs: Any) -> Any:
         self._open()
-        return method(self, *args, **kwargs)
+        return getattr(self._mirror, name)(*args, **kwargs)
 
     return _locked(call)
 
@@ -255,45 +256,12 @@ class ShardedPageTable:
 
     # -- row operations (the mirror only) ------------------------------------------------
 
-    @_row_op
-    def append_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
-        """Append ``page_ids[g]`` to row ``row_idx`` of every group ``g``."""
-        self._mirror.append_row(page_ids, row_idx)
-
-    @_row_op
-    def add_row(self, page_ids: Sequence[PageIds], row_idx: int) -> None:
-        """Replace row ``row_idx`` of every group with ``page_ids[g]``."""
-        self._mirror.add_row(page_ids, row_idx)
-
-    @_row_op
-    def clear_row(self, row_idx: int) -> None:
-        """Empty row ``row_idx`` in every group."""
-        self._mirror.clear_row(row_idx)
-
-    @_row_op
-    def move_row(self, src: int, tgt: int, page_ids: Sequence[PageIds] | None = None) -> None:
-        """Copy row ``src`` onto ``tgt`` (``src`` keeps its pages). With ``page_ids``
-        (``[group][pages]`` in ``tgt``'s pool) ``tgt`` gets those pages and the next commit
-        asks the model step to copy the KV of ``src``'s pages into them."""
-        self._mirror.move_row(src, tgt, page_ids)
-
-    @_row_op
-    def swap_row(
-        self,
-        src: int,
-        tgt: int,
-        page_ids: tuple[Sequence[PageIds], Sequence[PageIds]] | None = None,
-    ) -> None:
-        """Exchange rows ``src`` and ``tgt``; with ``page_ids=(for_src, for_tgt)`` each row
-        gets new pages of its own pool and the next commit copies the KV across."""
-        self._mirror.swap_row(src, tgt, page_ids)
-
-    @_row_op
-    def append_rows_batch(
-        self, page_ids_per_req: Sequence[Sequence[PageIds]], req_indices: Sequence[int]
-    ) -> None:
-        """Append ``page_ids_per_req[i][g]`` to row ``req_indices[i]`` of group ``g``."""
-        self._mirror.append_rows_batch(page_ids_per_req, req_indices)
+    append_row = _row_op("append_row")
+    add_row = _row_op("add_row")
+    clear_row = _row_op("clear_row")
+    move_row = _row_op("move_row")
+    swap_row = _row_op("swap_row")
+    append_rows_batch = _row_op("append_rows_batch")
 
     @_locked
     def compute_slot_mapping(self, group: int, req_indices: object, positions: object):
@@ -332,9 +300,7 @@ class ShardedPageTable:
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         with self._lock:
             self._settle()
-            schedule = None
-            if num_scheduled_tokens is not None or num_computed_tokens is not None:
-                schedule = self._check_schedule(n, num_scheduled_tokens, num_computed_tokens)
+            schedule = self._mirror.schedule(n, num_scheduled_tokens, num_computed_tokens)
 
             def attempt() -> CommitReceipt:  # staged again after a recovery
                 return self._send(self._committer.stage(n, schedule), n, wait)
@@ -368,9 +334,7 @@ class ShardedPageTable:
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         with self._lock:
             self._settle()
-            schedule = None
-            if num_scheduled_tokens is not None or num_computed_tokens is not None:
-                schedule = self._check_schedule(n, num_scheduled_tokens, num_computed_tokens)
+            schedule = self._mirror.schedule(n, num_scheduled_tokens, num_computed_tokens)
             return self._committer.stage(n, schedule)
 
     @_locked
@@ -384,16 +348,6 @@ class ShardedPageTable:
         if self._committer.in_flight:
             backend = self._open()
             self._health.watch(lambda: self._committer.settle(backend))
-
-    def _check_schedule(self, n: int, sched: object, done: object):
-        step = step_config(self.page_sizes, self.max_num_batched_tokens, self.layout)
-        if step is None:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} does not split into "
-                f"equal token blocks over the {self.layout.num_blocks} devices of the row "
-                "axis: this table cannot build step inputs"
-            )
-        return self._mirror.check_schedule(n, sched, done, step.tokens_per_shard)
 
     # -- reads that reach the shards ---------------------------------------------------
 

@@ -31,6 +31,7 @@ from .epochs import (
     shard_sums,
 )
 from .pooled import PooledRowOps
+from .start import step_config
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,19 +76,22 @@ class Mirror(PooledRowOps):
     def hosts(self) -> list[HostRows]:
         return self._hosts
 
-    def check_schedule(
-        self, num_reqs: int, sched: object, done: object, tokens_per_shard: int
-    ) -> Schedule:
-        """A step's schedule checked against the live rows (see :func:`check_schedule`)."""
+    def schedule(self, num_reqs: int, sched: object, done: object) -> Schedule | None:
+        """A step's schedule checked against the live rows (see :func:`check_schedule`);
+        None when the caller gave neither count."""
+        if sched is None and done is None:
+            return None
+        step = step_config(self.page_sizes, self.max_num_batched_tokens, self.layout)
+        if step is None:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} does not split into "
+                f"equal token blocks over the {self.layout.num_blocks} devices of the row "
+                "axis: this table cannot build step inputs"
+            )
         counts = [host.counts for host in self._hosts]
+        shards = self.layout.num_shards
         return check_schedule(
-            counts,
-            sched,
-            done,
-            num_reqs,
-            self.page_sizes,
-            self.layout.num_shards,
-            tokens_per_shard,
+            counts, sched, done, num_reqs, self.page_sizes, shards, step.tokens_per_shard
         )
 
     # -- epochs --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class GroupView(HostView):
     def __init__(
         self, host: HostRows, max_num_batched_tokens: int, device_tensor: Callable[[], jax.Array]
     ) -> None:
-        self._host = host
+        super().__init__(host)
         self._device_tensor = device_tensor
         self.max_num_reqs = host.num_rows
         self.max_num_pages_per_req = host.capacity

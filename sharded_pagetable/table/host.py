@@ -341,10 +341,15 @@ class HostRows:
 
 
 class HostView:
-    """The seed's host-side reads of one group's table, over ``self._host``: shared by the
-    single-process ``PageTable`` and the sharded table's ``t[g]``."""
+    """The seed's host-side reads of one group's table: shared by the single-process
+    ``PageTable`` and the sharded table's ``t[g]``.
 
-    _host: HostRows
+    Args:
+      host: the group's rows.
+    """
+
+    def __init__(self, host: HostRows) -> None:
+        self._host = host
 
     @property
     def page_table_cpu(self) -> np.ndarray:  # i32[R, P]

@@ -61,7 +61,7 @@ class PageTable(HostView):
         self.max_num_reqs = max_num_reqs
         self.max_num_pages_per_req = max_num_pages_per_req
         self.max_num_batched_tokens = max_num_batched_tokens
-        self._host = HostRows(max_num_reqs, max_num_pages_per_req, num_pages)
+        super().__init__(HostRows(max_num_reqs, max_num_pages_per_req, num_pages))
         self._shape = (max_num_reqs, max_num_pages_per_req)
         self._sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self._device = DeviceRows(self._shape, self._sharding, self._host.table, warmup=warmup)
