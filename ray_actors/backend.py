@@ -27,7 +27,7 @@ from .calls import per_shard
 from .channel import ChannelClosedError
 from .cluster import connect, reap, release
 from .delivery import EpochDelivery
-from .launch import ShardSet, alive, kill, launch
+from .launch import ShardSet, alive, kill, launch, replace_shard
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class RayBackend:
         self.started_shards = not attach  # only shards it started does close() stop
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
+        self._set: ShardSet | None = None  # the set in use (None when attached)
         self._standby: ShardSet | None = None  # a started, warmed, idle set (ray.standby)
         self._replacing: threading.Thread | None = None  # starting the next standby
         try:
@@ -140,9 +141,41 @@ class RayBackend:
 
     def _use(self, shards: ShardSet) -> None:
         """Make ``shards`` the shards this backend drives."""
+        self._set = shards
         self.actors, self.placements, self._pg = shards.actors, shards.placements, shards.pg
         self.started_shards = True  # e.g. an attached table's recovery started new ones
         self._delivery = EpochDelivery(self.actors, self.placements, shards.keys, self.options)
+
+    def replace_dead(self) -> list[int]:
+        """Give every shard whose process is gone (or does not answer) a new one; returns
+        those shards. A survivable job keeps the others running and the new processes join
+        it; otherwise, or when the process hosting the job's coordination service is gone,
+        every shard is replaced (:meth:`restart`)."""
+        shards = self._set
+        if shards is None or shards.service is None:
+            self.restart()
+            return list(range(self.num_shards))
+        wait = min(self.options.timeout_s, 5.0)
+        pings = per_shard([a.pid.remote() for a in [*shards.actors, shards.service]], wait)
+        if isinstance(pings[-1], BaseException):
+            log.warning("the JAX service process is gone: replacing every shard")
+            self.restart()
+            return list(range(self.num_shards))
+        dead = [s for s, r in enumerate(pings[:-1]) if isinstance(r, BaseException)]
+        if not dead:
+            return []
+        if self._delivery is not None:
+            self._delivery.close()
+            self._delivery = None
+        kill([shards.actors[s] for s in dead])
+        killed = reap([shards.placements[s] for s in dead])
+        if killed:
+            log.warning("killed shard processes %s that did not exit when asked", killed)
+        for s in dead:
+            replace_shard(shards, s, self.specs[s], self.mesh_axes, self.row_axis, self.options)
+        self._use(shards)
+        log.warning("replaced shards %s; the others kept their processes", dead)
+        return dead
 
     def restart(self) -> None:
         """Replace every shard process (a JAX job cannot continue without one of them):
@@ -268,11 +301,14 @@ class RayBackend:
         return out
 
     def reseed(
-        self, states: Sequence[ShardBatch | None], generation: int
+        self, shards: Sequence[int], states: Sequence[ShardBatch | None], generation: int
     ) -> list[Ack | BaseException]:
         messages = [None if b is None else encode(b) for b in states]
-        refs = [a.reseed.remote(m, generation) for a, m in zip(self.actors, messages, strict=True)]
-        return self._replies(refs, range(self.num_shards))
+        refs = [
+            self.actors[s].reseed.remote(m, generation)
+            for s, m in zip(shards, messages, strict=True)
+        ]
+        return self._replies(refs, shards)
 
     def export(self, generations: Sequence[int]) -> list[ShardBatch | BaseException | None]:
         refs = [a.export.remote(g) for a, g in zip(self.actors, generations, strict=True)]
@@ -305,6 +341,9 @@ class RayBackend:
             self._delivery.close()
             self._delivery = None
         actors, self.actors = self.actors, []
+        if self._set is not None and self._set.service is not None:
+            actors.append(self._set.service)
+        self._set = None
         kill(actors)
         killed = reap(self.placements)  # a stopped process must not keep its devices
         if killed:
@@ -319,7 +358,8 @@ class RayBackend:
             self._delivery.close()
             self._delivery = None
         if self.actors and clean:
-            refs = [a.shutdown.remote() for a in self.actors]
+            service = [] if self._set is None or self._set.service is None else [self._set.service]
+            refs = [a.shutdown.remote() for a in [*self.actors, *service]]
             ray.wait(refs, num_returns=len(refs), timeout=10)
         self._kill_all()
         standby = self._take_standby()

@@ -104,9 +104,10 @@ def new_secret() -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
 
 
-def new_keys(num_shards: int) -> list[ChannelKey]:
-    """A fresh table id and an independent secret for each of ``num_shards`` shards."""
-    table_id = secrets.token_hex(16)
+def new_keys(num_shards: int, table_id: str | None = None) -> list[ChannelKey]:
+    """An independent secret for each of ``num_shards`` shards, under a fresh table id (or
+    ``table_id``: a shard replaced in a running table)."""
+    table_id = secrets.token_hex(16) if table_id is None else table_id
     return [ChannelKey(table_id, new_secret()) for _ in range(num_shards)]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -17,19 +17,27 @@ from sharded_pagetable.shard.shard import ShardSpec
 from .calls import per_shard
 from .channel import new_keys
 from .cluster import release, spread_strategies
-from .shard_actor import ShardActor
+from .shard_actor import JaxService, JobSeat, ShardActor
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class ShardSet:
-    """One started set of shard actors (one JAX distributed job)."""
+    """One started set of shard actors (one JAX distributed job).
+
+    ``job`` says where they sit in it; ``service`` is the actor hosting JAX's coordination
+    service when the job is survivable (None: shard 0 hosts it); ``strategies`` and
+    ``actor_options`` are what a replacement of one shard is created with.
+    """
 
     actors: list[Any]
     placements: list[dict[str, Any]]
     keys: list
     pg: Any = None
+    job: JobSeat | None = None
+    service: Any = None
+    actor_options: list[dict[str, Any]] = field(default_factory=list)
 
 
 def kill(actors: Sequence[Any]) -> None:
@@ -46,6 +54,23 @@ def alive(shards: ShardSet) -> bool:
     return all(not isinstance(r, BaseException) for r in per_shard(refs, 10))
 
 
+def _actor_options(
+    options: RayOptions, num_cpus: float, strategies: list[Any], name_of: Callable[[int], str]
+) -> list[dict[str, Any]]:
+    """Ray options of each shard actor: resources, placement, and a name when detached."""
+    out = []
+    for i, strategy in enumerate(strategies):
+        opts: dict[str, Any] = {"num_cpus": num_cpus, "max_restarts": 0, "max_concurrency": 1}
+        if options.platform == "gpu":
+            opts["num_gpus"] = options.devices_per_shard
+        if strategy is not None:
+            opts["scheduling_strategy"] = strategy
+        if options.detached:
+            opts.update(name=name_of(i), namespace=options.namespace, lifetime="detached")
+        out.append(opts)
+    return out
+
+
 def launch(
     specs: Sequence[ShardSpec],
     mesh_axes: dict[str, int],
@@ -53,16 +78,16 @@ def launch(
     options: RayOptions,
     name_of: Callable[[int], str],
 ) -> ShardSet:
-    """Start one set of shard actors: a JAX distributed job of its own, warmed up."""
+    """Start one set of shard actors: a JAX distributed job of its own, warmed up (with
+    ``options.survivable``, plus the process hosting the job's coordination service)."""
     o = options
     num_shards = len(specs)
-    gpu = o.platform == "gpu"
     strategies: list[Any] = [None] * num_shards
     num_cpus = o.cpus_per_shard
     pg = None
     if o.placement == "spread":
         bundle: dict[str, float] = {"CPU": o.cpus_per_shard or 0.01}
-        if gpu:
+        if o.platform == "gpu":
             bundle["GPU"] = o.devices_per_shard
         # A detached table's group is named and detached too: Ray removes a driver's
         # placement groups (and the actors in them) when that driver exits.
@@ -74,43 +99,60 @@ def launch(
             detached=o.detached,
         )
         num_cpus = bundle["CPU"]
-    remote_cls = ray.remote(ShardActor)
-    actors = []
+    actor_options = _actor_options(o, num_cpus, strategies, name_of)
+    actors, service = [], None
     try:
-        for i, strategy in enumerate(strategies):
-            opts: dict[str, Any] = {
-                "num_cpus": num_cpus, "max_restarts": 0, "max_concurrency": 1
-            }  # fmt: skip
-            if gpu:
-                opts["num_gpus"] = o.devices_per_shard
-            if strategy is not None:
-                opts["scheduling_strategy"] = strategy
-            if o.detached:
-                opts.update(name=name_of(i), namespace=o.namespace, lifetime="detached")
-            actors.append(_create(remote_cls, opts, i, num_shards, o))
+        actors = [_create(opts, i, num_shards, o) for i, opts in enumerate(actor_options)]
         t0 = time.perf_counter()
-        address = ray.get(actors[0].node_address.remote(), timeout=max(o.timeout_s, 120))
-        heartbeat = max(10, int(o.timeout_s * 2))
+        host = actors[0]
+        if o.survivable:
+            service = ray.remote(JaxService).options(num_cpus=0, max_restarts=0).remote(o.platform)
+            host = service
+        address = ray.get(host.node_address.remote(), timeout=max(o.timeout_s, 120))
+        job = JobSeat(address, num_shards, max(10, int(o.timeout_s * 2)), o.survivable)
         keys = new_keys(num_shards)  # each shard its own channel secret
         refs = [
-            a.start.remote(address, spec, mesh_axes, row_axis, heartbeat, key)
+            a.start.remote(job, spec, mesh_axes, row_axis, key)
             for a, spec, key in zip(actors, specs, keys, strict=True)
         ]
+        if service is not None:
+            refs.append(service.start.remote(job))
         results = per_shard(refs, max(o.timeout_s, 180))
         for i, res in enumerate(results):
             if isinstance(res, BaseException):
                 raise ShardFailedError(i, -1, f"start failed: {type(res).__name__}: {res}")
     except BaseException:
-        kill(actors)
+        kill([*actors, *([service] if service is not None else [])])
         release(pg)
         raise
-    seconds = time.perf_counter() - t0
-    log.info("started %d shard actors in %.1fs", num_shards, seconds)
-    return ShardSet(actors, results, keys, pg)
+    log.info("started %d shard actors in %.1fs", num_shards, time.perf_counter() - t0)
+    return ShardSet(actors, results[:num_shards], keys, pg, job, service, actor_options)
 
 
-def _create(remote_cls, opts: dict, shard: int, num_shards: int, o: RayOptions):
+def replace_shard(
+    shards: ShardSet, shard: int, spec: ShardSpec, mesh_axes: dict[str, int], row_axis: str,
+    options: RayOptions,
+) -> None:  # fmt: skip
+    """Start a new process for ``shard`` of a survivable set (its old one is gone): it joins
+    the running job under the same process id, with a new channel secret."""
+    actor = _create(shards.actor_options[shard], shard, len(shards.actors), options)
+    key = new_keys(1, table_id=shards.keys[0].table_id)[0]
+    try:
+        where = ray.get(
+            actor.start.remote(shards.job, spec, mesh_axes, row_axis, key),
+            timeout=max(options.timeout_s, 180),
+        )
+    except BaseException as exc:
+        kill([actor])
+        raise ShardFailedError(
+            shard, -1, f"replacement failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    shards.actors[shard], shards.placements[shard], shards.keys[shard] = actor, where, key
+
+
+def _create(opts: dict, shard: int, num_shards: int, o: RayOptions):
     """Create one actor; a detached name still held by a just-killed actor is retried."""
+    remote_cls = ray.remote(ShardActor)
     deadline = time.monotonic() + 30
     while True:
         try:

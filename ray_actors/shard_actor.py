@@ -16,10 +16,106 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .channel import ChannelKey
+
+
+@dataclass(frozen=True)
+class JobSeat:
+    """Where shard processes sit in their JAX distributed job.
+
+    Args:
+      coordinator: ``ip:port`` of JAX's coordination service.
+      num_shards: shard processes in the job.
+      heartbeat_timeout_s: how long the service waits on a silent process.
+      survivable: the service runs in a process of its own (process 0, holding no shard:
+        :class:`JaxService`) and every process has JAX recoverability on, so a dead shard
+        process does not take the job down and a replacement joins under the same process
+        id; otherwise shard 0 hosts the service and any death ends the job.
+    """
+
+    coordinator: str
+    num_shards: int
+    heartbeat_timeout_s: int
+    survivable: bool = False
+
+    @property
+    def first_shard_process(self) -> int:
+        return 1 if self.survivable else 0
+
+    @property
+    def num_processes(self) -> int:
+        return self.num_shards + self.first_shard_process
+
+    def join(self, shard: int | None) -> int:
+        """Join the job as shard ``shard``'s process (None: the service process); returns
+        the JAX process index."""
+        import jax
+
+        process = 0 if shard is None else shard + self.first_shard_process
+        if self.survivable:
+            jax.config.update("jax_enable_recoverability", True)
+        kwargs = {}
+        if process == 0:
+            kwargs["coordinator_bind_address"] = self.coordinator  # not every interface
+        jax.distributed.initialize(
+            coordinator_address=self.coordinator,
+            num_processes=self.num_processes,
+            process_id=process,
+            initialization_timeout=120,
+            heartbeat_timeout_seconds=self.heartbeat_timeout_s,
+            cluster_detection_method="deactivate",
+            **kwargs,
+        )
+        if jax.process_index() != process:
+            raise RuntimeError(f"{shard=} joined as JAX process {jax.process_index()}")
+        return process
+
+
+def node_address() -> str:
+    """``ip:port`` free on this node, for the JAX coordination service."""
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        port = s.getsockname()[1]
+    return f"{ip}:{port}"
+
+
+class JaxService:
+    """JAX process 0 of a survivable shard job: hosts the coordination service and holds no
+    shard, so no shard's death can take the service down. Wrapped with ``ray.remote``."""
+
+    def __init__(self, platform: str) -> None:
+        if platform == "cpu":
+            os.environ["JAX_PLATFORMS"] = "cpu"
+            import jax
+
+            jax.config.update("jax_num_cpu_devices", 1)
+        self._joined = False
+
+    def node_address(self) -> str:
+        return node_address()
+
+    def start(self, job: JobSeat) -> int:
+        """Start the service and join as process 0 (returns when every shard joined)."""
+        job.join(None)
+        self._joined = True
+        return os.getpid()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        import jax
+
+        if self._joined:
+            self._joined = False
+            jax.distributed.shutdown()
 
 
 class ShardActor:
@@ -45,22 +141,15 @@ class ShardActor:
         self._apply_s: deque[float] = deque(maxlen=4096)
 
     def node_address(self) -> str:
-        """``ip:port`` on this node for the JAX coordinator service (called on shard 0)."""
-        import ray
-
-        ip = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((ip, 0))
-            port = s.getsockname()[1]
-        return f"{ip}:{port}"
+        """``ip:port`` on this node for the JAX coordination service (called on shard 0)."""
+        return node_address()
 
     def start(
         self,
-        coordinator: str,
+        job: JobSeat,
         spec: Any,
         mesh_axes: Mapping[str, int],
         row_axis: str,
-        heartbeat_timeout_s: int,
         key: ChannelKey,
     ) -> dict[str, Any]:
         """Join the JAX job, build the mesh, the shard and its channel; returns where it
@@ -75,24 +164,14 @@ class ShardActor:
         from .channel import ShardServer
         from .cluster import process_start_ticks
 
-        kwargs = {}
-        if self.shard_id == 0:
-            kwargs["coordinator_bind_address"] = coordinator  # not every interface
-        jax.distributed.initialize(
-            coordinator_address=coordinator,
-            num_processes=self.num_shards,
-            process_id=self.shard_id,
-            initialization_timeout=120,
-            heartbeat_timeout_seconds=heartbeat_timeout_s,
-            cluster_detection_method="deactivate",
-            **kwargs,
-        )
+        process = job.join(self.shard_id)
         self._joined = True
-        if jax.process_index() != self.shard_id:
-            raise RuntimeError(f"shard {self.shard_id} joined as JAX process {jax.process_index()}")
-        mesh = build_mesh(mesh_axes, row_axis)
+        # The mesh is every shard's devices: a service process (survivable jobs) holds none.
+        devices = [d for d in jax.devices() if d.process_index >= job.first_shard_process]
+        mesh = build_mesh(mesh_axes, row_axis, devices)
         layout: ShardLayout = spec.layout
-        check_ownership(mesh, row_axis, layout, {s: s for s in range(layout.num_shards)})
+        owners = {s: s + job.first_shard_process for s in range(layout.num_shards)}
+        check_ownership(mesh, row_axis, layout, owners)
         self._shard = Shard(spec, row_sharding(mesh, row_axis))
         node_ip = ray.util.get_node_ip_address()
         self._key = key
@@ -101,6 +180,7 @@ class ShardActor:
         )
         self._where = {
             "shard": self.shard_id,
+            "process": process,
             "pid": os.getpid(),
             "start_ticks": process_start_ticks(os.getpid()),
             "node_id": ray.get_runtime_context().get_node_id(),

@@ -136,6 +136,11 @@ class RayOptions:
         idle in its actor loop, not polling) that a recovery re-seeds and switches to, then
         replaces in the background: recovery skips JAX start-up and warm-up. Costs the
         idle processes' memory; with ``placement: spread`` it needs twice the nodes.
+      survivable: host JAX's coordination service in a process of its own (holding no
+        shard) and turn JAX recoverability on in every process, so a recovery replaces
+        only the shard processes that died; the others keep their tables, device buffers
+        and whatever the model step keeps in them (KV). Not with ``standby`` or
+        ``detached`` yet.
     """
 
     address: str | None = None
@@ -148,6 +153,7 @@ class RayOptions:
     detached: bool = False
     name: str = "pagetable"
     channel: str = "socket"
+    survivable: bool = False
     standby: bool = False
 
     def __post_init__(self) -> None:
@@ -182,6 +188,13 @@ class RayOptions:
             raise ConfigError(f"ray.name must be a non-empty string, got {show(self.name)}")
         if not isinstance(self.standby, bool):
             raise ConfigError(f"ray.standby must be true or false, got {show(self.standby)}")
+        if not isinstance(self.survivable, bool):
+            raise ConfigError(f"ray.survivable must be true or false, got {show(self.survivable)}")
+        if self.survivable and (self.standby or self.detached):
+            raise ConfigError(
+                "ray.survivable does not go with ray.standby or ray.detached yet: a survivable "
+                "table replaces dead shards alone, and its service process has no name to attach to"
+            )
         if self.standby and self.detached:
             raise ConfigError(
                 "ray.standby does not go with ray.detached: a standby set has no names to "

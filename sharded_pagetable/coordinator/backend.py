@@ -42,15 +42,18 @@ class Backend(Protocol):
     def status(self) -> list[Ack]:
         """The epoch, checksum and obeyed generation of every shard now."""
 
-    def reseed(self, states: Sequence[ShardBatch | None], generation: int) -> list[Result]:
-        """Rebuild every shard from a full-state batch (None: empty)."""
+    def reseed(
+        self, shards: Sequence[int], states: Sequence[ShardBatch | None], generation: int
+    ) -> list[Result]:
+        """Rebuild ``shards`` from full-state batches (None: empty), in that order."""
 
     def export(self, generations: Sequence[int]) -> list[ShardBatch | BaseException | None]:
         """Every shard's rows as a full-state batch at its epoch (None at epoch 0), read at
         ``generations[s]`` (a shard refuses any generation but the one it obeys)."""
 
-    def restart(self) -> None:
-        """Replace every shard with a new, empty one."""
+    def replace_dead(self) -> list[int]:
+        """Give every shard whose process is gone a new, empty one; returns those shards
+        (every shard when the backend cannot replace one alone)."""
 
     def group_array(self, group: int) -> jax.Array:
         """Group ``group``'s committed global array, where the driver can hold it."""

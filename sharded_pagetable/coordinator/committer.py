@@ -139,19 +139,32 @@ class EpochCommitter:
             if isinstance(res, BaseException):
                 raise ShardFailedError(s, self.epoch, f"fence: {type(res).__name__}: {res}")
 
-    def rebuild(self, backend: Backend) -> None:
-        """Replace every shard and re-seed it from the mirror at the confirmed epoch (the
-        caller settled the epoch in flight); raises if a new shard fails too."""
+    def rebuild(self, backend: Backend) -> list[int]:
+        """Bring every shard back to the confirmed epoch (the caller settled the epoch in
+        flight): shards whose process is gone get new ones (:meth:`Backend.replace_dead`),
+        and those plus any live shard that does not hold what the mirror published are
+        re-seeded from the mirror; the others keep everything. Returns the shards that got
+        new processes; raises if a shard fails again."""
         try:
-            backend.restart()
+            fresh = backend.replace_dead()
             self.fence(backend)
+            held = backend.status()
+            stale = sorted(
+                set(fresh)
+                | {s for s, a in enumerate(held) if (a.epoch, a.checksum) != self.holds(s)}
+            )
             states = self.mirror.published_states(self.epoch, self.generation)
-            results = backend.reseed(states, self.generation)
+            results = backend.reseed(stale, [states[s] for s in stale], self.generation)
         except ShardFailedError:
             raise
         except Exception as exc:
             raise ShardFailedError(-1, self.epoch, f"restart failed: {exc}") from exc
-        failed = failures(results, self.expected, self.epoch, "re-seeded to")
+        failed = failures(results, [self.expected[s] for s in stale], self.epoch, "re-seeded to")
         if failed:
             shard, reason = failed[0]
-            raise ShardFailedError(shard, self.epoch, reason)
+            raise ShardFailedError(stale[shard], self.epoch, reason)
+        return fresh
+
+    def holds(self, shard: int) -> tuple[int, int]:
+        """``(epoch, checksum)`` shard ``shard`` must report."""
+        return self.epoch, self.expected[shard]

@@ -396,14 +396,17 @@ class ShardedPageTable:
     # -- recovery --------------------------------------------------------------------------
 
     def recover(self) -> float:
-        """Replace the shards and rebuild them at the last published epoch.
+        """Bring the table back at the last published epoch.
 
-        Every shard is restarted (a JAX distributed job cannot continue without one of its
-        processes), re-seeded from the mirror's published rows and verified by checksum.
-        Pending changes stay pending for the next commit. The page table survives; what the
-        shard processes computed does not: ``lost_kv_rows`` then names every row that was
-        live, whose KV the scheduler must recompute. Returns the seconds it took; raises
-        :class:`ShardFailedError` if a new shard fails too.
+        Shards whose process died get new processes; those, and any shard that does not
+        hold what the mirror published, are re-seeded from the mirror's published rows and
+        verified by checksum. With ``ray.survivable`` only the dead shards are replaced and
+        the others keep their processes, device buffers and whatever the model step keeps
+        in them; otherwise (and when the process hosting JAX's service died) every shard is
+        replaced. ``lost_kv_rows`` then names the live rows of the replaced shards, whose KV
+        the scheduler must recompute. Pending changes stay pending for the next commit.
+        Returns the seconds it took; raises :class:`ShardFailedError` if a shard fails
+        again (``lost_kv_rows`` then names every live row).
         """
         with self._lock:
             backend = self._open()
@@ -413,15 +416,19 @@ class ShardedPageTable:
             if health.fenced is not None:
                 raise health.fenced  # the shards belong to a newer coordinator
             t0 = time.perf_counter()
-            self.lost_kv_rows = self._mirror.live_rows()
-            health.watch(lambda: self._committer.rebuild(backend))
+            self.lost_kv_rows = self._mirror.live_rows()  # until it is known which survived
+            fresh = health.watch(lambda: self._committer.rebuild(backend))
+            self.lost_kv_rows = self._mirror.live_rows(fresh)
             health.recovered()
             seconds = time.perf_counter() - t0
             self.recoveries.append(seconds)
             if self.metrics is not None:
                 self.metrics.recovered()
             log.warning(
-                "recovered %d shards at epoch %d in %.2fs", self.num_shards, self.epoch, seconds
+                "recovered at epoch %d in %.2fs; shards %s got new processes",
+                self.epoch,
+                seconds,
+                fresh,
             )
             return seconds
 

@@ -70,9 +70,18 @@ class LocalBackend:
     def status(self) -> list:
         return [s.status() for s in self.shards]
 
-    def reseed(self, states: Sequence[ShardBatch | None], generation: int) -> list[Result]:
+    def replace_dead(self) -> list[int]:
+        """In-process shards share the driver's fate: every one is replaced."""
+        self.restart()
+        return list(range(self.num_shards))
+
+    def reseed(
+        self, shards: Sequence[int], states: Sequence[ShardBatch | None], generation: int
+    ) -> list[Result]:
         self._arrays.clear()
-        return [_call(s.reseed, b, generation) for s, b in zip(self.shards, states, strict=True)]
+        return [
+            _call(self.shards[s].reseed, b, generation) for s, b in zip(shards, states, strict=True)
+        ]
 
     def export(self, generations: Sequence[int]) -> list[ShardBatch | BaseException | None]:
         return [_call(s.export, g) for s, g in zip(self.shards, generations, strict=True)]

@@ -140,9 +140,14 @@ class Mirror(PooledRowOps):
         """Full-state batches rebuilding each shard at the published ``epoch``."""
         return published_states(self._hosts, self.layout, epoch, generation)
 
-    def live_rows(self) -> np.ndarray:
-        """``i32[k]`` rows holding pages in any group as last published."""
-        return live_rows(self._hosts)
+    def live_rows(self, shards: Sequence[int] | None = None) -> np.ndarray:
+        """``i32[k]`` rows holding pages in any group as last published (of ``shards``
+        only, when given)."""
+        rows = live_rows(self._hosts)
+        if shards is None:
+            return rows
+        owner = rows // self.layout.rows_per_shard
+        return rows[np.isin(owner, np.asarray(list(shards), dtype=np.int64))]
 
     def shard_sums(self) -> list[int]:
         """Each shard's checksum from the published rows."""

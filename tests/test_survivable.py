@@ -1,0 +1,149 @@
+"""Survivable shard jobs (``ray.survivable``): a dead shard process is replaced alone.
+
+JAX's coordination service runs in a process that holds no shard and every process has JAX
+recoverability on, so when one of four shard processes is SIGKILLed the other three keep
+their processes, their tables and device buffers, and what a model step keeps in them (a
+marker left in each process stands for its KV). Checked against the reference model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from reference_model import ReferenceModel
+
+import sharded_pagetable as sp
+from sharded_pagetable.testing.chaos import kill_after_send, wait_for_exit
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.chaos]
+
+ROWS, MAX_LEN, PAGE_SIZES, SHARDS = 32, 256, (16, 64), 4
+RPS = ROWS // SHARDS
+
+
+def make(recover: str = "manual") -> sp.ShardedPageTable:
+    return sp.ShardedPageTable(
+        ROWS,
+        MAX_LEN,
+        128,
+        PAGE_SIZES,
+        num_shards=SHARDS,
+        backend="ray",
+        warmup=False,
+        recover=recover,
+        ray={"devices_per_shard": 1, "timeout_s": 10, "survivable": True},
+    )
+
+
+def pids(t: sp.ShardedPageTable) -> list[int]:
+    return [where["pid"] for where in t._backend.placements]
+
+
+def fill(tables) -> None:
+    """Rows on every shard, two of them per shard, one row left empty on shard 3."""
+    for t in tables:
+        for s in range(SHARDS):
+            t.add_row([[100 * s + 1, 100 * s + 2], [100 * s + 3]], s * RPS)
+            if s != 3:
+                t.add_row([[100 * s + 7], []], s * RPS + 5)
+        t.commit(ROWS)
+
+
+def step(tables, k: int) -> None:
+    for t in tables:
+        for s in range(SHARDS):
+            t.append_row([[1000 + 10 * k + s], [2000 + 10 * k + s]], s * RPS)
+
+
+def assert_same(t: sp.ShardedPageTable, ref: ReferenceModel) -> None:
+    for g in range(len(PAGE_SIZES)):
+        np.testing.assert_array_equal(t[g].get_cpu_tensor(), ref.host_array(g))
+        np.testing.assert_array_equal(t.device_snapshot(g), ref.device_array(g))
+
+
+def kv_marker():
+    """``(remember, recall)`` for ``run_on_shards``: a marker standing for the KV a model step
+    keeps in its process, which survives only with the process (closures: shipped by value)."""
+
+    def remember(arrays):
+        import os
+
+        os.environ["SPT_TEST_KV"] = str(os.getpid())
+        return os.getpid()
+
+    def recall(arrays):
+        import os
+
+        return os.environ.get("SPT_TEST_KV")
+
+    return remember, recall
+
+
+def live_rows_of(ref: ReferenceModel, shard: int) -> list[int]:
+    rows = range(shard * RPS, (shard + 1) * RPS)
+    return [r for r in rows if any(len(ref.device[g][r]) for g in range(len(PAGE_SIZES)))]
+
+
+def check_survivors(t, ref, before: list[int], victim: int) -> None:
+    after = pids(t)
+    assert [p for s, p in enumerate(after) if s != victim] == [
+        p for s, p in enumerate(before) if s != victim
+    ], "a survivor was restarted"
+    assert after[victim] != before[victim]
+    assert t.lost_kv_rows.tolist() == live_rows_of(ref, victim)
+    kept = t.run_on_shards(kv_marker()[1])
+    for s in range(SHARDS):
+        assert kept[s] == (None if s == victim else str(before[s])), (s, kept)
+    assert len(t.recoveries) == 1
+
+
+def test_a_shard_killed_between_commits_is_replaced_alone(local_ray):
+    t = make()
+    ref = ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
+    try:
+        fill([t, ref])
+        before = pids(t)
+        assert t.run_on_shards(kv_marker()[0]) == before
+        victim = 2
+        os.kill(before[victim], signal.SIGKILL)
+        assert wait_for_exit(before[victim], 20)
+        step([t, ref], 1)
+        with pytest.raises(sp.ShardFailedError, match=f"shard {victim}"):
+            t.commit(ROWS)
+        t.recover()
+        check_survivors(t, ref, before, victim)
+        for g in range(len(PAGE_SIZES)):  # published as before; the step is still pending
+            np.testing.assert_array_equal(t.device_snapshot(g), ref.device_array(g))
+        t.commit(ROWS)
+        ref.commit(ROWS)
+        assert_same(t, ref)
+        assert {e for e, _ in t.shard_status()} == {t.epoch}
+        step([t, ref], 2)  # and it goes on
+        t.commit(ROWS)
+        ref.commit(ROWS)
+        assert_same(t, ref)
+    finally:
+        t.close()
+
+
+def test_a_shard_killed_inside_a_blocking_commit_is_replaced_alone_with_auto_recovery(local_ray):
+    t = make(recover="auto")
+    ref = ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
+    try:
+        fill([t, ref])
+        before = pids(t)
+        t.run_on_shards(kv_marker()[0])
+        step([t, ref], 1)
+        with kill_after_send(t, np.random.default_rng(7)):
+            receipt = t.commit(ROWS)  # sent, one shard killed before it answered, retried
+        ref.commit(ROWS)
+        victim = next(s for s, (a, b) in enumerate(zip(before, pids(t), strict=True)) if a != b)
+        check_survivors(t, ref, before, victim)
+        assert receipt.epoch == t.epoch == 2
+        assert_same(t, ref)
+    finally:
+        t.close()
