@@ -3,6 +3,7 @@
     scripts/dev.sh bench chaos_soak                      # 50 kills, 15 inside a commit
     scripts/dev.sh bench chaos_soak --kills 10 --steps 40
     scripts/dev.sh bench chaos_soak --standby            # recover onto pre-started shards
+    scripts/dev.sh bench chaos_soak --survivable --shards 4   # replace only the dead shards
 
 Prints kills survived, rows lost, mixed-epoch arrays and recovery time p50/p99; exits
 non-zero if any row was lost, any array mixed epochs or the mirror diverged.
@@ -32,6 +33,11 @@ def main() -> int:
     parser.add_argument(
         "--standby", action="store_true", help="ray.standby: recover onto pre-started shards"
     )
+    parser.add_argument(
+        "--survivable",
+        action="store_true",
+        help="ray.survivable: replace only the dead shard processes",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     import ray
@@ -47,6 +53,7 @@ def main() -> int:
                 seed=args.seed,
                 num_shards=args.shards,
                 standby=args.standby,
+                survivable=args.survivable,
             ),
             progress=lambda r: print(
                 f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True

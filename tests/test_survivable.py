@@ -147,3 +147,64 @@ def test_a_shard_killed_inside_a_blocking_commit_is_replaced_alone_with_auto_rec
         assert_same(t, ref)
     finally:
         t.close()
+
+
+def test_two_shards_at_once_then_the_same_shard_again(local_ray):
+    t = make()
+    ref = ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
+    try:
+        fill([t, ref])
+        before = pids(t)
+        for victim in (0, 3):
+            os.kill(before[victim], signal.SIGKILL)
+        for victim in (0, 3):
+            assert wait_for_exit(before[victim], 20)
+        step([t, ref], 1)
+        with pytest.raises(sp.ShardFailedError):
+            t.commit(ROWS)
+        t.recover()
+        after = pids(t)
+        assert [after[s] == before[s] for s in range(SHARDS)] == [False, True, True, False]
+        assert t.lost_kv_rows.tolist() == live_rows_of(ref, 0) + live_rows_of(ref, 3)
+        t.commit(ROWS)
+        ref.commit(ROWS)
+        assert_same(t, ref)
+        # The replacement of shard 3 dies too, while an epoch is in flight (pipelined).
+        step([t, ref], 2)
+        t.commit(ROWS, wait=False)
+        os.kill(after[3], signal.SIGKILL)
+        assert wait_for_exit(after[3], 20)
+        with pytest.raises(sp.ShardFailedError):
+            t.wait()
+        t.recover()
+        again = pids(t)
+        assert again[:3] == after[:3] and again[3] not in (before[3], after[3])
+        assert t.lost_kv_rows.tolist() == live_rows_of(ref, 3)
+        t.commit(ROWS)  # the pending step goes out again
+        ref.commit(ROWS)
+        assert_same(t, ref)
+    finally:
+        t.close()
+
+
+def test_the_service_process_dying_restarts_every_shard(local_ray):
+    """Where the job cannot survive (the process hosting JAX's service died), every shard
+    is replaced and lost_kv_rows names every live row."""
+    t = make()
+    ref = ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
+    try:
+        fill([t, ref])
+        before = pids(t)
+        service = ray.get(t._backend._set.service.pid.remote(), timeout=30)
+        os.kill(service, signal.SIGKILL)
+        assert wait_for_exit(service, 20)
+        t.recover()
+        assert not set(pids(t)) & set(before)
+        every = [r for s in range(SHARDS) for r in live_rows_of(ref, s)]
+        assert t.lost_kv_rows.tolist() == every
+        step([t, ref], 1)
+        t.commit(ROWS)
+        ref.commit(ROWS)
+        assert_same(t, ref)
+    finally:
+        t.close()

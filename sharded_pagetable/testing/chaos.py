@@ -40,6 +40,7 @@ class ChaosConfig:
     timeout_s: float = 30.0
     max_recoveries: int = 3
     standby: bool = False  # ray.standby: recover by switching to pre-started shards
+    survivable: bool = False  # ray.survivable: replace only the dead shard processes
 
     def __post_init__(self) -> None:
         if not 0 <= self.in_commit <= self.kills <= self.steps:
@@ -58,6 +59,8 @@ class ChaosReport:
     rows_lost: int = 0  # rows whose device content differs from the replay
     mixed_epoch_arrays: int = 0  # commits after which shards held different epochs
     mirror_mismatches: int = 0  # groups whose mirror differs from the replay
+    shards_replaced: int = 0  # shard processes that recoveries replaced (victims included)
+    kv_rows_lost: int = 0  # live rows whose KV recoveries reported lost (lost_kv_rows)
     recovery_s: list[float] = field(default_factory=list)
 
     @property
@@ -71,7 +74,8 @@ class ChaosReport:
             f"steps {self.steps}, kills survived {self.kills} ({self.kills_in_commit} inside "
             f"a commit), recoveries {self.recoveries}, rows lost {self.rows_lost}, "
             f"mixed-epoch arrays {self.mixed_epoch_arrays}, mirror mismatches "
-            f"{self.mirror_mismatches}, recovery p50 {p50:.2f}s p99 {p99:.2f}s"
+            f"{self.mirror_mismatches}, shard processes replaced {self.shards_replaced}, "
+            f"rows whose KV was lost {self.kv_rows_lost}, recovery p50 {p50:.2f}s p99 {p99:.2f}s"
         )
 
 
@@ -141,6 +145,7 @@ def run_chaos(config: ChaosConfig, progress=None) -> ChaosReport:
             "devices_per_shard": config.devices_per_shard,
             "timeout_s": config.timeout_s,
             "standby": config.standby,
+            "survivable": config.survivable,
         },
     )
     replay = sp.MultiGroupPageTable(
@@ -172,6 +177,7 @@ def run_chaos(config: ChaosConfig, progress=None) -> ChaosReport:
                 _kill(table, rng)
                 report.kills += 1
             before = len(table.recoveries)
+            pids = [where["pid"] for where in table._backend.placements]
             if step in in_commit:
                 with kill_after_send(table, rng):
                     table.commit(st.num_reqs)
@@ -182,6 +188,11 @@ def run_chaos(config: ChaosConfig, progress=None) -> ChaosReport:
                 report.kills += 1
                 report.kills_in_commit += 1
             report.recovery_s += table.recoveries[before:]
+            if len(table.recoveries) > before:
+                now = [where["pid"] for where in table._backend.placements]
+                replaced = sum(a != b for a, b in zip(pids, now, strict=True))
+                report.shards_replaced += replaced
+                report.kv_rows_lost += int(table.lost_kv_rows.size)
             _check(table, replay, report)
             report.steps += 1
             if progress is not None:
