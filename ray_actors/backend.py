@@ -27,7 +27,7 @@ from .calls import per_shard
 from .channel import ChannelClosedError
 from .cluster import connect, reap, release
 from .delivery import EpochDelivery
-from .launch import ShardSet, alive, kill, launch, replace_shard
+from .launch import ShardSet, alive, kill, launch, replace_shard, start_spare
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class RayBackend:
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
         self._set: ShardSet | None = None  # the set in use (None when attached)
+        self._sparing: threading.Thread | None = None  # starting the next warm spare
         self._standby: ShardSet | None = None  # a started, warmed, idle set (ray.standby)
         self._replacing: threading.Thread | None = None  # starting the next standby
         try:
@@ -164,6 +165,7 @@ class RayBackend:
         dead = [s for s, r in enumerate(pings[:-1]) if isinstance(r, BaseException)]
         if not dead:
             return []
+        self._join_spare()
         if self._delivery is not None:
             self._delivery.close()
             self._delivery = None
@@ -175,7 +177,22 @@ class RayBackend:
             replace_shard(shards, s, self.specs[s], self.mesh_axes, self.row_axis, self.options)
         self._use(shards)
         log.warning("replaced shards %s; the others kept their processes", dead)
+        self._sparing = threading.Thread(target=self._new_spare, args=(shards,), daemon=True)
+        self._sparing.start()  # the next warm spare, in the background
         return dead
+
+    def _new_spare(self, shards: ShardSet) -> None:
+        spare = start_spare(shards, self.options)
+        if spare is not None and shards.spare is None and shards is self._set:
+            shards.spare = spare
+        elif spare is not None:
+            kill([spare])
+
+    def _join_spare(self) -> None:
+        """Wait for a spare still starting (quicker than starting a process from scratch)."""
+        if self._sparing is not None:
+            self._sparing.join()
+            self._sparing = None
 
     def restart(self) -> None:
         """Replace every shard process (a JAX job cannot continue without one of them):
@@ -341,8 +358,9 @@ class RayBackend:
             self._delivery.close()
             self._delivery = None
         actors, self.actors = self.actors, []
-        if self._set is not None and self._set.service is not None:
-            actors.append(self._set.service)
+        self._join_spare()
+        if self._set is not None:
+            actors += [a for a in (self._set.service, self._set.spare) if a is not None]
         self._set = None
         kill(actors)
         killed = reap(self.placements)  # a stopped process must not keep its devices

@@ -38,6 +38,7 @@ class ShardSet:
     job: JobSeat | None = None
     service: Any = None
     actor_options: list[dict[str, Any]] = field(default_factory=list)
+    spare: Any = None  # a started, warmed shard actor that is in no job yet (survivable)
 
 
 def kill(actors: Sequence[Any]) -> None:
@@ -126,16 +127,37 @@ def launch(
         release(pg)
         raise
     log.info("started %d shard actors in %.1fs", num_shards, time.perf_counter() - t0)
-    return ShardSet(actors, results[:num_shards], keys, pg, job, service, actor_options)
+    shards = ShardSet(actors, results[:num_shards], keys, pg, job, service, actor_options)
+    if o.survivable:
+        shards.spare = start_spare(shards, o)
+    return shards
+
+
+def start_spare(shards: ShardSet, options: RayOptions) -> Any:
+    """A warm spare for ``shards``: a shard actor started and warmed (JAX and the kernels
+    loaded) that joins the job only when it replaces a dead shard; None if it cannot start.
+    Placed like shard 0 without its placement-group bundle: on a cluster it may land on
+    another node than the shard it replaces."""
+    opts = {k: v for k, v in shards.actor_options[0].items() if k != "scheduling_strategy"}
+    try:
+        spare = _create(opts, -1, len(shards.actors), options)
+        ray.get(spare.warm.remote(), timeout=max(options.timeout_s, 120))
+    except Exception as exc:  # a recovery then starts a process itself
+        log.warning("could not start a warm spare shard: %s", exc)
+        return None
+    return spare
 
 
 def replace_shard(
     shards: ShardSet, shard: int, spec: ShardSpec, mesh_axes: dict[str, int], row_axis: str,
     options: RayOptions,
 ) -> None:  # fmt: skip
-    """Start a new process for ``shard`` of a survivable set (its old one is gone): it joins
-    the running job under the same process id, with a new channel secret."""
-    actor = _create(shards.actor_options[shard], shard, len(shards.actors), options)
+    """Start a new process for ``shard`` of a survivable set (its old one is gone): the warm
+    spare when there is one, else a new actor; it joins the running job under the same
+    process id, with a new channel secret."""
+    actor, shards.spare = shards.spare, None
+    if actor is None:
+        actor = _create(shards.actor_options[shard], shard, len(shards.actors), options)
     key = new_keys(1, table_id=shards.keys[0].table_id)[0]
     try:
         where = ray.get(

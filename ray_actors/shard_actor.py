@@ -144,6 +144,18 @@ class ShardActor:
         """``ip:port`` on this node for the JAX coordination service (called on shard 0)."""
         return node_address()
 
+    def warm(self) -> int:
+        """Import and load everything a shard needs before it joins a job (JAX, the
+        compiled row kernels from their cache, the channel), so a warm spare that becomes a
+        replacement only joins, builds its shard and answers; returns its pid."""
+        import jax  # noqa: F401
+
+        import sharded_pagetable.shard.shard  # noqa: F401
+
+        from . import channel  # noqa: F401
+
+        return os.getpid()
+
     def start(
         self,
         job: JobSeat,
@@ -164,6 +176,7 @@ class ShardActor:
         from .channel import ShardServer
         from .cluster import process_start_ticks
 
+        self.shard_id = spec.shard_id  # a warm spare learns its shard here
         process = job.join(self.shard_id)
         self._joined = True
         # The mesh is every shard's devices: a service process (survivable jobs) holds none.
