@@ -208,3 +208,37 @@ def test_the_service_process_dying_restarts_every_shard(local_ray):
         assert_same(t, ref)
     finally:
         t.close()
+
+
+def test_a_shard_killed_during_a_model_step_is_replaced_alone(local_ray):
+    """Shard 1's process dies inside a ``run_on_shards`` function (a model step): the call
+    fails the table closed, and recovery replaces that shard only."""
+    t = make()
+    ref = ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
+    try:
+        fill([t, ref])
+        before = pids(t)
+        t.run_on_shards(kv_marker()[0])
+        victim = before[1]
+
+        def model_step(arrays):
+            import os
+            import signal
+
+            if os.getpid() == victim:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return int(arrays[0].shape[0])
+
+        with pytest.raises(sp.ShardFailedError, match="shard 1"):
+            t.run_on_shards(model_step)
+        with pytest.raises(sp.ShardFailedError, match="fail-closed"):
+            t.commit(ROWS)
+        t.recover()
+        check_survivors(t, ref, before, 1)
+        assert t.run_on_shards(model_step) == [ROWS] * SHARDS
+        step([t, ref], 1)
+        t.commit(ROWS)
+        ref.commit(ROWS)
+        assert_same(t, ref)
+    finally:
+        t.close()
