@@ -68,10 +68,7 @@ class RayBackend:
         self._owns_ray = connect(options.address, options.namespace)
         self._pg = None
         self._delivery: EpochDelivery | None = None  # how commit messages reach the shards
-        layout = specs[0].layout
-        self._limits = WireLimits.for_shard(
-            layout.rows_per_shard, specs[0].widths, layout.max_num_reqs
-        )
+        self._limits = WireLimits.for_layout(specs[0].layout, specs[0].widths)
         self._generation = 0  # the coordinator generation this backend last fenced with
         self.started_shards = not attach  # only shards it started does close() stop
         self.actors: list[Any] = []

@@ -27,8 +27,8 @@ class ShardSet:
     """One started set of shard actors (one JAX distributed job).
 
     ``job`` says where they sit in it; ``service`` is the actor hosting JAX's coordination
-    service when the job is survivable (None: shard 0 hosts it); ``strategies`` and
-    ``actor_options`` are what a replacement of one shard is created with.
+    service when the job is survivable (None: shard 0 hosts it); ``actor_options`` are what
+    a replacement of each shard is created with; ``spare`` a warm spare, if one is ready.
     """
 
     actors: list[Any]

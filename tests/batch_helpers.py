@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sharded_pagetable.constants import MAX_PAGE_ID, OP_SET
 from sharded_pagetable.rows import kernels
 from sharded_pagetable.rows.checksum import GroupConsts
 from sharded_pagetable.rows.messages import GroupBatch
@@ -25,3 +26,15 @@ def check_group(counts: np.ndarray, batch: GroupBatch, group: int) -> None:
 
 def empty_group() -> GroupBatch:
     return GroupBatch.empty()
+
+
+def full_width_group(num_rows: int, width: int) -> GroupBatch:
+    """Every one of ``num_rows`` rows SET to ``width`` pages of the largest page id: the
+    largest group a shard of that shape accepts."""
+    return GroupBatch(
+        np.full(num_rows, OP_SET, np.int32),
+        np.arange(num_rows, dtype=np.int32),
+        np.zeros(num_rows, np.int32),
+        np.full(num_rows, width, np.int32),
+        np.full(num_rows * width, MAX_PAGE_ID, np.int32),
+    )

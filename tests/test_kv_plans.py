@@ -37,6 +37,16 @@ def fill(t: sp.ShardedPageTable) -> None:
     t.commit(ROWS)
 
 
+def assert_unchanged(t, before) -> None:
+    """``t`` holds exactly ``before`` (its :func:`state`) and has nothing to commit."""
+    after = state(t)
+    for x, y in zip(before, after, strict=True):
+        for a, b in zip(x, y, strict=True):
+            assert a.tobytes() == b.tobytes()
+    receipt = t.commit(ROWS)
+    assert not receipt.changed and receipt.kv_copies == ()
+
+
 def plans(receipt) -> list[list[tuple[int, int]]]:
     return [list(zip(p[0].tolist(), p[1].tolist(), strict=True)) for p in receipt.kv_copies]
 
@@ -173,12 +183,7 @@ def test_bad_page_ids_are_refused_and_nothing_changes(table, call, match):
     before = state(table)
     with pytest.raises(ValueError, match=match):
         call(table, tgt)
-    after = state(table)
-    for x, y in zip(before, after, strict=True):
-        for a, b in zip(x, y, strict=True):
-            assert a.tobytes() == b.tobytes()
-    receipt = table.commit(ROWS)
-    assert not receipt.changed and receipt.kv_copies == ()
+    assert_unchanged(table, before)
 
 
 def test_a_batch_with_every_optional_part_round_trips_the_wire(table):
@@ -227,12 +232,7 @@ def test_a_page_held_by_the_first_or_last_row_of_its_shard_is_refused(table, hol
             table.move_row(0, tgt, page_ids=new)
         else:
             table.swap_row(0, tgt, page_ids=([[], []], new))  # tgt is empty: row 0 gets none
-    after = state(table)
-    for x, y in zip(before, after, strict=True):
-        for a, b in zip(x, y, strict=True):
-            assert a.tobytes() == b.tobytes()
-    receipt = table.commit(ROWS)
-    assert not receipt.changed and receipt.kv_copies == ()
+    assert_unchanged(table, before)
 
 
 def test_a_move_during_a_failed_epoch_copies_from_where_the_kv_still_is(table):

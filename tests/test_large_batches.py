@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from batch_helpers import full_width_group
 
 import sharded_pagetable as sp
-from sharded_pagetable.constants import MAX_PAGE_ID, OP_SET
-from sharded_pagetable.rows.messages import GroupBatch, Schedule, ShardBatch
+from sharded_pagetable.constants import MAX_PAGE_ID
+from sharded_pagetable.rows.messages import Schedule, ShardBatch
 from sharded_pagetable.shard.wire import WireLimits, decode, encode
 
 ROWS, MAX_LEN, PAGE_SIZES, SHARDS = 16, 1024, (16, 64), 2
@@ -64,17 +65,9 @@ def largest_batch(limits: WireLimits) -> ShardBatch:
     """Every row SET to full width with the largest page ids, a schedule, and per group a
     copy plan of the largest size a shard accepts."""
     n = limits.num_rows
-    groups, plans = [], []
-    for g, w in enumerate(limits.widths):
-        groups.append(
-            GroupBatch(
-                np.full(n, OP_SET, np.int32),
-                np.arange(n, dtype=np.int32),
-                np.zeros(n, np.int32),
-                np.full(n, w, np.int32),
-                np.full(n * w, MAX_PAGE_ID, np.int32),
-            )
-        )
+    groups = [full_width_group(n, w) for w in limits.widths]
+    plans = []
+    for g in range(len(limits.widths)):
         k = limits.max_copies(g)
         plans.append(np.stack([np.full(k, MAX_PAGE_ID, np.int32), MAX_PAGE_ID - np.arange(k)]))
     sched = Schedule(np.full(n, 2**30, np.int32), np.full(n, 2**30 - 1, np.int32))
@@ -86,8 +79,8 @@ def largest_batch(limits: WireLimits) -> ShardBatch:
 @pytest.mark.parametrize(
     "limits",
     [
-        WireLimits.for_shard(RPS, WIDTHS, ROWS),
-        WireLimits.for_shard(1, (1,), 64),
+        WireLimits(RPS, WIDTHS, ROWS),
+        WireLimits(1, (1,), 64),
         WireLimits(4, (8,)),
     ],
 )
@@ -116,48 +109,47 @@ def test_largest_legitimate_batch_round_trips_and_one_more_copy_is_refused(limit
         decode(encode(over), limits)
 
 
-def test_swapping_every_row_across_shards_commits_locally():
+@pytest.fixture
+def swapped():
+    """A local table, filled and committed, with every row swapped across shards (pending):
+    ``(table, the copy plan it must publish)``."""
     t = sp.ShardedPageTable(
         ROWS, MAX_LEN, 256, PAGE_SIZES, num_shards=SHARDS, pages_per_shard=POOL, warmup=False
     )
     try:
         fill(t)
         t.commit(ROWS)
-        plan = swap_everything(t)
-        assert all(p.shape[1] == t.wire_limits.max_copies(g) for g, p in enumerate(plan))
-        receipt = t.commit(ROWS)
-        for g in range(len(WIDTHS)):
-            np.testing.assert_array_equal(receipt.kv_copies[g], plan[g])
-            np.testing.assert_array_equal(t.device_snapshot(g), expected_table(g))
+        yield t, swap_everything(t)
     finally:
         t.close()
 
 
-def test_an_epoch_over_the_limits_is_refused_before_anything_is_sent():
+def test_swapping_every_row_across_shards_commits_locally(swapped):
+    t, plan = swapped
+    assert all(p.shape[1] == t.wire_limits.max_copies(g) for g, p in enumerate(plan))
+    receipt = t.commit(ROWS)
+    for g in range(len(WIDTHS)):
+        np.testing.assert_array_equal(receipt.kv_copies[g], plan[g])
+        np.testing.assert_array_equal(t.device_snapshot(g), expected_table(g))
+
+
+def test_an_epoch_over_the_limits_is_refused_before_anything_is_sent(swapped):
     """Whatever makes an epoch too large, the coordinator refuses it as the caller's error:
     nothing is sent, published or failed, and the same changes commit once they fit."""
-    t = sp.ShardedPageTable(
-        ROWS, MAX_LEN, 256, PAGE_SIZES, num_shards=SHARDS, pages_per_shard=POOL, warmup=False
-    )
-    try:
-        fill(t)
+    t, plan = swapped
+    before = [t.device_snapshot(g) for g in range(len(WIDTHS))], t.shard_status(), t.epoch
+    limits = t.wire_limits
+    t._committer.wire_limits = WireLimits(RPS, WIDTHS, ROWS // 2)  # half the copies fit
+    with pytest.raises(sp.BatchTooLargeError, match="copy plan of group 0"):
         t.commit(ROWS)
-        plan = swap_everything(t)
-        before = [t.device_snapshot(g) for g in range(len(WIDTHS))], t.shard_status(), t.epoch
-        limits = t.wire_limits
-        t._committer.wire_limits = WireLimits.for_shard(RPS, WIDTHS, ROWS // 2)  # half fit
-        with pytest.raises(sp.BatchTooLargeError, match="copy plan of group 0"):
-            t.commit(ROWS)
-        after = [t.device_snapshot(g) for g in range(len(WIDTHS))], t.shard_status(), t.epoch
-        for a, b in zip(before[0], after[0], strict=True):
-            np.testing.assert_array_equal(a, b)
-        assert before[1:] == after[1:]
-        t._committer.wire_limits = limits
-        receipt = t.commit(ROWS)  # no recovery was needed: the table never failed
-        assert t.recoveries == [] and receipt.epoch == before[2] + 1
-        np.testing.assert_array_equal(receipt.kv_copies[0], plan[0])
-    finally:
-        t.close()
+    after = [t.device_snapshot(g) for g in range(len(WIDTHS))], t.shard_status(), t.epoch
+    for a, b in zip(before[0], after[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert before[1:] == after[1:]
+    t._committer.wire_limits = limits
+    receipt = t.commit(ROWS)  # no recovery was needed: the table never failed
+    assert t.recoveries == [] and receipt.epoch == before[2] + 1
+    np.testing.assert_array_equal(receipt.kv_copies[0], plan[0])
 
 
 @pytest.mark.ray

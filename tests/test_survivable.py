@@ -65,6 +65,17 @@ def assert_same(t: sp.ShardedPageTable, ref: ReferenceModel) -> None:
         np.testing.assert_array_equal(t.device_snapshot(g), ref.device_array(g))
 
 
+def commit_both(t: sp.ShardedPageTable, ref: ReferenceModel) -> None:
+    t.commit(ROWS)
+    ref.commit(ROWS)
+    assert_same(t, ref)
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for_exit(pid, 20), f"process {pid} outlived SIGKILL"
+
+
 def kv_marker():
     """``(remember, recall)`` for ``run_on_shards``: a marker standing for the KV a model step
     keeps in its process, which survives only with the process (closures: shipped by value)."""
@@ -109,8 +120,7 @@ def test_a_shard_killed_between_commits_is_replaced_alone(local_ray):
         before = pids(t)
         assert t.run_on_shards(kv_marker()[0]) == before
         victim = 2
-        os.kill(before[victim], signal.SIGKILL)
-        assert wait_for_exit(before[victim], 20)
+        kill(before[victim])
         step([t, ref], 1)
         with pytest.raises(sp.ShardFailedError, match=f"shard {victim}"):
             t.commit(ROWS)
@@ -118,14 +128,10 @@ def test_a_shard_killed_between_commits_is_replaced_alone(local_ray):
         check_survivors(t, ref, before, victim)
         for g in range(len(PAGE_SIZES)):  # published as before; the step is still pending
             np.testing.assert_array_equal(t.device_snapshot(g), ref.device_array(g))
-        t.commit(ROWS)
-        ref.commit(ROWS)
-        assert_same(t, ref)
+        commit_both(t, ref)
         assert {e for e, _ in t.shard_status()} == {t.epoch}
         step([t, ref], 2)  # and it goes on
-        t.commit(ROWS)
-        ref.commit(ROWS)
-        assert_same(t, ref)
+        commit_both(t, ref)
     finally:
         t.close()
 
@@ -156,9 +162,7 @@ def test_two_shards_at_once_then_the_same_shard_again(local_ray):
         fill([t, ref])
         before = pids(t)
         for victim in (0, 3):
-            os.kill(before[victim], signal.SIGKILL)
-        for victim in (0, 3):
-            assert wait_for_exit(before[victim], 20)
+            kill(before[victim])
         step([t, ref], 1)
         with pytest.raises(sp.ShardFailedError):
             t.commit(ROWS)
@@ -166,23 +170,18 @@ def test_two_shards_at_once_then_the_same_shard_again(local_ray):
         after = pids(t)
         assert [after[s] == before[s] for s in range(SHARDS)] == [False, True, True, False]
         assert t.lost_kv_rows.tolist() == live_rows_of(ref, 0) + live_rows_of(ref, 3)
-        t.commit(ROWS)
-        ref.commit(ROWS)
-        assert_same(t, ref)
+        commit_both(t, ref)
         # The replacement of shard 3 dies too, while an epoch is in flight (pipelined).
         step([t, ref], 2)
         t.commit(ROWS, wait=False)
-        os.kill(after[3], signal.SIGKILL)
-        assert wait_for_exit(after[3], 20)
+        kill(after[3])
         with pytest.raises(sp.ShardFailedError):
             t.wait()
         t.recover()
         again = pids(t)
         assert again[:3] == after[:3] and again[3] not in (before[3], after[3])
         assert t.lost_kv_rows.tolist() == live_rows_of(ref, 3)
-        t.commit(ROWS)  # the pending step goes out again
-        ref.commit(ROWS)
-        assert_same(t, ref)
+        commit_both(t, ref)  # the pending step goes out again
     finally:
         t.close()
 
@@ -196,16 +195,13 @@ def test_the_service_process_dying_restarts_every_shard(local_ray):
         fill([t, ref])
         before = pids(t)
         service = ray.get(t._backend._set.service.pid.remote(), timeout=30)
-        os.kill(service, signal.SIGKILL)
-        assert wait_for_exit(service, 20)
+        kill(service)
         t.recover()
         assert not set(pids(t)) & set(before)
         every = [r for s in range(SHARDS) for r in live_rows_of(ref, s)]
         assert t.lost_kv_rows.tolist() == every
         step([t, ref], 1)
-        t.commit(ROWS)
-        ref.commit(ROWS)
-        assert_same(t, ref)
+        commit_both(t, ref)
     finally:
         t.close()
 
@@ -237,8 +233,6 @@ def test_a_shard_killed_during_a_model_step_is_replaced_alone(local_ray):
         check_survivors(t, ref, before, 1)
         assert t.run_on_shards(model_step) == [ROWS] * SHARDS
         step([t, ref], 1)
-        t.commit(ROWS)
-        ref.commit(ROWS)
-        assert_same(t, ref)
+        commit_both(t, ref)
     finally:
         t.close()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 import pytest
-from batch_helpers import apply_group, check_group, empty_group
+from batch_helpers import apply_group, check_group, empty_group, full_width_group
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -237,17 +237,7 @@ def test_round_trip(lb: tuple[WireLimits, ShardBatch]) -> None:
 @pytest.mark.parametrize("limits", [WireLimits(1, (1,)), WireLimits(16, (8, 3)), LIM])
 def test_largest_message_fits_the_size_limit(limits: WireLimits) -> None:
     """Every row SET to full width with the largest page ids and epochs still decodes."""
-    n = limits.num_rows
-    groups = tuple(
-        GroupBatch(
-            np.full(n, OP_SET, np.int32),
-            np.arange(n, dtype=np.int32),
-            np.zeros(n, np.int32),
-            np.full(n, w, np.int32),
-            np.full(n * w, MAX_PAGE_ID, np.int32),
-        )
-        for w in limits.widths
-    )
+    groups = tuple(full_width_group(limits.num_rows, w) for w in limits.widths)
     batch = ShardBatch(MAX_EPOCH, MAX_EPOCH - 1, 2**31 - 1, groups)
     assert_batches_equal(batch, decode(encode(batch), limits))
 

@@ -65,15 +65,25 @@ class EpochCommitter:
         epoch = EpochId(self.epoch + 1, self.epoch, self.generation)
         return self.mirror.stage(epoch, num_reqs, schedule)
 
-    def send(self, backend: Backend, plan: EpochPlan | None, num_reqs: int) -> CommitReceipt:
-        """Send ``plan`` and take it as published in the mirror (unconfirmed); an oversized
-        epoch raises ``BatchTooLargeError`` before anything is sent."""
-        started = time.perf_counter()
-        if plan is None:
-            return CommitReceipt(self.epoch, num_reqs, False, ())
+    def check_current(self, plan: EpochPlan) -> None:
+        """Refuse a plan staged before a later commit, recovery or row change."""
         if plan.id != EpochId(self.epoch + 1, self.epoch, self.generation):
             raise ValueError(f"epoch {plan.id} is not the next one; stage it again")
         self.mirror.check_current(plan)
+
+    def send(
+        self,
+        backend: Backend,
+        plan: EpochPlan | None,
+        num_reqs: int,
+        started: float | None = None,
+    ) -> CommitReceipt:
+        """Send ``plan`` (the current one: :meth:`check_current`) and take it as published in
+        the mirror (unconfirmed); an oversized epoch raises ``BatchTooLargeError`` before
+        anything is sent. ``started``: ``perf_counter()`` when the commit began (metrics)."""
+        started = time.perf_counter() if started is None else started
+        if plan is None:
+            return CommitReceipt(self.epoch, num_reqs, False, ())
         for message in plan.messages:  # an oversized epoch is the caller's error
             self.wire_limits.check(message)
         backend.send(plan.messages)

@@ -156,16 +156,13 @@ class ShardedPageTable:
         self._mirror = Mirror(
             self.layout, self.widths, page_sizes, max_num_batched_tokens, num_pages, pools
         )
-        self._committer = EpochCommitter(self._mirror, self._wire_limits(), self.metrics)
+        limits = WireLimits.for_layout(self.layout, self.widths)
+        self._committer = EpochCommitter(self._mirror, limits, self.metrics)
         self._views = [
             GroupView(host, max_num_batched_tokens, functools.partial(self._group_array, g))
             for g, host in enumerate(self._mirror.hosts)
         ]
         self._take_shards(_attach)
-
-    def _wire_limits(self) -> WireLimits:
-        layout = self.layout
-        return WireLimits.for_shard(layout.rows_per_shard, self.widths, layout.max_num_reqs)
 
     def _take_shards(self, attach: bool) -> None:
         """Fence the shards this table started, or take over running ones (attach); a
@@ -303,7 +300,8 @@ class ShardedPageTable:
             schedule = self._mirror.schedule(n, num_scheduled_tokens, num_computed_tokens)
 
             def attempt() -> CommitReceipt:  # staged again after a recovery
-                return self._send(self._committer.stage(n, schedule), n, wait)
+                started = time.perf_counter()
+                return self._send(self._committer.stage(n, schedule), n, wait, started)
 
             return self._health.call(attempt, self.recover)
 
@@ -314,12 +312,16 @@ class ShardedPageTable:
         benchmarks measure the commit through; a failure fails the table as a commit does."""
         with self._lock:
             self._settle()
+            if plan is not None:
+                self._committer.check_current(plan)
             num_reqs = 0 if plan is None else plan.num_reqs
             return self._health.call(lambda: self._send(plan, num_reqs, wait), self.recover)
 
-    def _send(self, plan: EpochPlan | None, num_reqs: int, wait: bool) -> CommitReceipt:
+    def _send(
+        self, plan: EpochPlan | None, num_reqs: int, wait: bool, started: float | None = None
+    ) -> CommitReceipt:
         backend, committer = self._open(), self._committer
-        receipt = committer.send(backend, plan, num_reqs)
+        receipt = committer.send(backend, plan, num_reqs, started)
         return receipt if not wait else committer.settle(backend) or receipt
 
     def stage(

@@ -115,7 +115,7 @@ class Shard:
         self.spec = spec
         self.sharding = sharding
         self.lo, self.hi = rows.start, rows.stop
-        self.limits = WireLimits.for_shard(layout.rows_per_shard, spec.widths, layout.max_num_reqs)
+        self.limits = WireLimits.for_layout(layout, spec.widths)
         n = layout.rows_per_shard
         self.tables = [np.full((n, w), PAGE_TABLE_PADDING_VAL, np.int32) for w in spec.widths]
         self.counts = [np.zeros(n, np.int32) for _ in spec.widths]

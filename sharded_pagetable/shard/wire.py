@@ -24,6 +24,7 @@ import numpy as np
 
 from ..constants import MAX_PAGE_ID
 from ..errors import BatchTooLargeError, WireFormatError
+from ..routing.layout import ShardLayout
 from ..rows import kernels
 from ..rows.messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, Schedule, ShardBatch
 
@@ -66,8 +67,9 @@ class WireLimits:
     table_rows: int | None = None
 
     @classmethod
-    def for_shard(cls, rows_per_shard: int, widths: Sequence[int], table_rows: int) -> WireLimits:
-        return cls(rows_per_shard, tuple(widths), table_rows)
+    def for_layout(cls, layout: ShardLayout, widths: Sequence[int]) -> WireLimits:
+        """What each shard of ``layout`` accepts, with ``widths`` pages per row per group."""
+        return cls(layout.rows_per_shard, tuple(widths), layout.max_num_reqs)
 
     def max_copies(self, group: int) -> int:
         """KV copies group ``group``'s plan may hold: one per page of every table row."""
