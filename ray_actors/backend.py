@@ -292,19 +292,27 @@ class RayBackend:
         """``fn`` in every shard process. What ``fn`` raises (or a result that cannot be sent
         back) is the caller's :class:`RunOnShardsError`; only a shard that is gone or does not
         answer within ``timeout_s`` is a shard failure."""
+        peers = {s: where.get("kv") for s, where in enumerate(self.placements)}
         results = per_shard(
-            [a.run.remote(fn, args, step) for a in self.actors], self.options.timeout_s
+            [a.run.remote(fn, args, step, peers) for a in self.actors], self.options.timeout_s
         )
+        # A shard that is gone comes first: it explains what failed in the others (a model
+        # step waiting on its KV pages).
+        for i, res in enumerate(results):
+            if isinstance(res, BaseException) and not isinstance(res, ray.exceptions.RayTaskError):
+                raise ShardFailedError(
+                    i, -1, f"{type(res).__name__}: {res}", during="running a run_on_shards function"
+                )
         for i, res in enumerate(results):
             if isinstance(res, ray.exceptions.RayTaskError):
                 cause = getattr(res, "cause", None) or res
                 raise RunOnShardsError(i, type(cause).__name__, str(cause)[:2000]) from None
-        for i, res in enumerate(results):
-            if isinstance(res, BaseException):
-                raise ShardFailedError(
-                    i, -1, f"{type(res).__name__}: {res}", during="running a run_on_shards function"
-                )
         return results
+
+    def drop_kv_copies(self, pools: Sequence[tuple[int, int]]) -> list[list[np.ndarray]]:
+        pools = [(int(lo), int(hi)) for lo, hi in pools]
+        lost = self._gather([a.drop_kv_copies.remote(pools) for a in self.actors], "drop copies")
+        return lost
 
     def status(self) -> list[Ack]:
         replies = self._gather([a.status.remote() for a in self.actors], "status")

@@ -383,11 +383,12 @@ class ShardClient:
             self.broken = True  # a partly written frame leaves the stream unusable
             raise
 
-    def recv(self, deadline: float) -> bytes:
-        """The next reply frame, verified; raises ``TimeoutError`` at ``deadline``
-        (monotonic) and :class:`ChannelClosedError` on a frame that fails its MAC."""
+    def recv(self, deadline: float, max_bytes: int = 1 << 16) -> bytes:
+        """The next reply frame (at most ``max_bytes``), verified; raises ``TimeoutError`` at
+        ``deadline`` (monotonic) and :class:`ChannelClosedError` on a frame that fails its
+        MAC or is too long."""
         try:
-            return self._framer.recv(1 << 16, deadline)
+            return self._framer.recv(max_bytes, deadline)
         except (OSError, WireFormatError) as exc:
             self.broken = True
             if isinstance(exc, WireFormatError):

@@ -15,7 +15,7 @@ from sharded_pagetable.errors import ShardFailedError
 from sharded_pagetable.shard.shard import ShardSpec
 
 from .calls import per_shard
-from .channel import new_keys
+from .channel import new_keys, new_secret
 from .cluster import release, spread_strategies
 from .shard_actor import JaxService, JobSeat, ShardActor
 
@@ -28,7 +28,9 @@ class ShardSet:
 
     ``job`` says where they sit in it; ``service`` is the actor hosting JAX's coordination
     service when the job is survivable (None: shard 0 hosts it); ``actor_options`` are what
-    a replacement of each shard is created with; ``spare`` a warm spare, if one is ready.
+    a replacement of each shard is created with; ``spare`` a warm spare, if one is ready;
+    ``kv_secret`` the secret of the shards' KV channel (survivable jobs: model steps move
+    KV pages over it instead of a collective).
     """
 
     actors: list[Any]
@@ -39,6 +41,7 @@ class ShardSet:
     service: Any = None
     actor_options: list[dict[str, Any]] = field(default_factory=list)
     spare: Any = None  # a started, warmed shard actor that is in no job yet (survivable)
+    kv_secret: bytes | None = None
 
 
 def kill(actors: Sequence[Any]) -> None:
@@ -112,8 +115,9 @@ def launch(
         address = ray.get(host.node_address.remote(), timeout=max(o.timeout_s, 120))
         job = JobSeat(address, num_shards, max(10, int(o.timeout_s * 2)), o.survivable)
         keys = new_keys(num_shards)  # each shard its own channel secret
+        kv_secret = new_secret() if o.survivable else None
         refs = [
-            a.start.remote(job, spec, mesh_axes, row_axis, key)
+            a.start.remote(job, spec, mesh_axes, row_axis, key, kv_secret)
             for a, spec, key in zip(actors, specs, keys, strict=True)
         ]
         if service is not None:
@@ -127,7 +131,9 @@ def launch(
         release(pg)
         raise
     log.info("started %d shard actors in %.1fs", num_shards, time.perf_counter() - t0)
-    shards = ShardSet(actors, results[:num_shards], keys, pg, job, service, actor_options)
+    shards = ShardSet(
+        actors, results[:num_shards], keys, pg, job, service, actor_options, kv_secret=kv_secret
+    )
     if o.survivable:
         shards.spare = start_spare(shards, o)
     return shards
@@ -161,7 +167,7 @@ def replace_shard(
     key = new_keys(1, table_id=shards.keys[0].table_id)[0]
     try:
         where = ray.get(
-            actor.start.remote(shards.job, spec, mesh_axes, row_axis, key),
+            actor.start.remote(shards.job, spec, mesh_axes, row_axis, key, shards.kv_secret),
             timeout=max(options.timeout_s, 180),
         )
     except BaseException as exc:

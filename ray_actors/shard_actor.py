@@ -138,6 +138,7 @@ class ShardActor:
         self._where: dict[str, Any] = {}
         self._key: ChannelKey | None = None  # this shard's channel secret and its table's id
         self._server = None
+        self._kv = None  # the KV channel of a survivable job (ray_actors.kv_peer)
         self._apply_s: deque[float] = deque(maxlen=4096)
 
     def node_address(self) -> str:
@@ -163,9 +164,11 @@ class ShardActor:
         mesh_axes: Mapping[str, int],
         row_axis: str,
         key: ChannelKey,
+        kv_secret: bytes | None = None,
     ) -> dict[str, Any]:
-        """Join the JAX job, build the mesh, the shard and its channel; returns where it
-        landed (including the channel's address)."""
+        """Join the JAX job, build the mesh, the shard and its channel (and, given the
+        table's ``kv_secret``, the KV channel model steps move pages over); returns where it
+        landed (including the channels' addresses)."""
         import jax
         import ray
 
@@ -191,6 +194,13 @@ class ShardActor:
         self._server = ShardServer(
             node_ip, key.secret, self._serve_frame, self._shard.limits.max_bytes + 64
         )
+        if kv_secret is not None:
+            from sharded_pagetable.serving import kv_transfer
+
+            from .kv_peer import KvPeerServer
+
+            self._kv = KvPeerServer(node_ip, kv_secret, self.shard_id, job.heartbeat_timeout_s)
+            kv_transfer.install(self._kv)
         self._where = {
             "shard": self.shard_id,
             "process": process,
@@ -201,6 +211,7 @@ class ShardActor:
             "devices": [str(d) for d in jax.local_devices()],
             "rows": (self._shard.lo, self._shard.hi),
             "channel": list(self._server.address),
+            "kv": None if self._kv is None else list(self._kv.address),
             "shape": spec.shape,
         }
         return self._where
@@ -275,15 +286,38 @@ class ShardActor:
         attaches to it (over Ray's authenticated control plane)."""
         return self._key
 
-    def run(self, fn: Callable[..., Any], args: tuple, step: bool = False) -> Any:
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple,
+        step: bool = False,
+        peers: Mapping[int, Any] | None = None,
+    ) -> Any:
+        """``fn`` on this shard's arrays (see ``run_on_shards``); ``peers``: every shard's
+        KV channel address, for a model step that moves KV pages between shards."""
         from sharded_pagetable.shard.shard import step_of
 
+        if self._kv is not None and peers is not None:
+            self._kv.peers = {int(s): tuple(a) for s, a in peers.items() if a is not None}
         with self._lock:
             shard = self._shard
             if not step:
                 return fn(shard.group_arrays(), *args)
             view = step_of([shard], self.num_shards)
             return fn(shard.group_arrays(), view, *args)
+
+    def drop_kv_copies(self, pools: list[tuple[int, int]]) -> list:
+        """Forget pending KV copies touching the page ``pools`` of replaced shards; returns
+        per group the pages whose KV will not arrive: those copies, and what earlier model
+        steps left torn."""
+        import numpy as np
+
+        with self._lock:
+            lost = self._shard.drop_kv_copies(pools)
+            torn = None if self._kv is None else self._kv.take_torn()
+        if torn is not None:
+            lost = [np.union1d(a, b) for a, b in zip(lost, torn, strict=False)] or torn
+        return lost
 
     def step_snapshot(self):
         with self._lock:
@@ -297,6 +331,11 @@ class ShardActor:
 
         if self._server is not None:
             self._server.close()
+        if self._kv is not None:
+            from sharded_pagetable.serving import kv_transfer
+
+            kv_transfer.install(None)
+            self._kv.close()
         self._shard = None
         if self._joined:
             self._joined = False

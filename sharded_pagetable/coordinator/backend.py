@@ -55,6 +55,10 @@ class Backend(Protocol):
         """Give every shard whose process is gone a new, empty one; returns those shards
         (every shard when the backend cannot replace one alone)."""
 
+    def drop_kv_copies(self, pools: Sequence[tuple[int, int]]) -> list[list[np.ndarray]]:
+        """Make every shard forget the KV copies pending from or into ``pools`` (page ranges
+        of replaced shards); per shard, per group, the pages whose KV will not arrive."""
+
     def group_array(self, group: int) -> jax.Array:
         """Group ``group``'s committed global array, where the driver can hold it."""
 

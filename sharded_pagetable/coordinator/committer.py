@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import FencedError, ShardFailedError
 from ..rows.messages import Ack, Schedule
 from ..shard.wire import WireLimits
@@ -149,15 +151,27 @@ class EpochCommitter:
             if isinstance(res, BaseException):
                 raise ShardFailedError(s, self.epoch, f"fence: {type(res).__name__}: {res}")
 
-    def rebuild(self, backend: Backend) -> list[int]:
+    def rebuild(self, backend: Backend) -> tuple[list[int], np.ndarray]:
         """Bring every shard back to the confirmed epoch (the caller settled the epoch in
         flight): shards whose process is gone get new ones (:meth:`Backend.replace_dead`),
         and those plus any live shard that does not hold what the mirror published are
-        re-seeded from the mirror; the others keep everything. Returns the shards that got
-        new processes; raises if a shard fails again."""
+        re-seeded from the mirror; the others keep everything, except pending KV copies
+        from or into a replaced shard's pool. Returns the shards that got new processes and
+        the live rows of other shards whose KV died with them (``i32[k]``: rows a pending or
+        torn KV copy from a replaced pool was to fill); raises if a shard fails again."""
         try:
             fresh = backend.replace_dead()
             self.fence(backend)
+            orphans = np.empty(0, np.int32)
+            pools = self.mirror.pool_pages(fresh)
+            if pools and len(fresh) < len(self.expected):
+                lost = backend.drop_kv_copies(pools)
+                pages = [
+                    np.unique(np.concatenate([np.asarray(p[g], np.int64) for p in lost if p]))
+                    for g in range(len(self.mirror.hosts))
+                ]
+                orphans = self.mirror.rows_holding(pages)
+                orphans = orphans[~np.isin(orphans, self.mirror.live_rows(fresh))]
             held = backend.status()
             stale = sorted(
                 set(fresh)
@@ -173,7 +187,7 @@ class EpochCommitter:
         if failed:
             shard, reason = failed[0]
             raise ShardFailedError(stale[shard], self.epoch, reason)
-        return fresh
+        return fresh, orphans
 
     def holds(self, shard: int) -> tuple[int, int]:
         """``(epoch, checksum)`` shard ``shard`` must report."""

@@ -405,8 +405,9 @@ class ShardedPageTable:
         verified by checksum. With ``ray.survivable`` only the dead shards are replaced and
         the others keep their processes, device buffers and whatever the model step keeps
         in them; otherwise (and when the process hosting JAX's service died) every shard is
-        replaced. ``lost_kv_rows`` then names the live rows of the replaced shards, whose KV
-        the scheduler must recompute. Pending changes stay pending for the next commit.
+        replaced. ``lost_kv_rows`` then names the live rows whose KV the scheduler must
+        recompute: those of the replaced shards, and rows of other shards whose KV was still
+        to be copied from a replaced shard's pool (a migration whose source died). Pending changes stay pending for the next commit.
         Returns the seconds it took; raises :class:`ShardFailedError` if a shard fails
         again (``lost_kv_rows`` then names every live row).
         """
@@ -419,8 +420,8 @@ class ShardedPageTable:
                 raise health.fenced  # the shards belong to a newer coordinator
             t0 = time.perf_counter()
             self.lost_kv_rows = self._mirror.live_rows()  # until it is known which survived
-            fresh = health.watch(lambda: self._committer.rebuild(backend))
-            self.lost_kv_rows = self._mirror.live_rows(fresh)
+            fresh, orphans = health.watch(lambda: self._committer.rebuild(backend))
+            self.lost_kv_rows = np.union1d(self._mirror.live_rows(fresh), orphans).astype(np.int32)
             health.recovered()
             seconds = time.perf_counter() - t0
             self.recoveries.append(seconds)

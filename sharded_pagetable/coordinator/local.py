@@ -99,6 +99,9 @@ class LocalBackend:
     def step_snapshot(self) -> list[StepInputs]:
         return [s.step_snapshot() for s in self.shards]
 
+    def drop_kv_copies(self, pools: Sequence[tuple[int, int]]) -> list[list[np.ndarray]]:
+        return [s.drop_kv_copies(pools) for s in self.shards]
+
     def run_on_shards(self, fn: Callable[..., Any], *args: Any, step: bool = False) -> list[Any]:
         """``fn`` once: every shard lives in this one process, which sees the whole arrays
         (the result stands for every shard)."""

@@ -149,6 +149,22 @@ class Mirror(PooledRowOps):
         owner = rows // self.layout.rows_per_shard
         return rows[np.isin(owner, np.asarray(list(shards), dtype=np.int64))]
 
+    def pool_pages(self, shards: Sequence[int]) -> list[tuple[int, int]]:
+        """``[lo, hi)`` page ids of each of ``shards``' pools (none without pools)."""
+        if self._pools is None:
+            return []
+        return [(r.start, r.stop) for r in map(self._pools.pool, shards)]
+
+    def rows_holding(self, pages: Sequence[np.ndarray]) -> np.ndarray:
+        """``i32[k]`` sorted rows that hold any of ``pages[g]`` in group ``g`` as last
+        published."""
+        held = np.zeros(self.layout.max_num_reqs, bool)
+        for host, want in zip(self._hosts, pages, strict=False):
+            if want.size:
+                table, _ = host.published_rows(0, host.num_rows)
+                held |= np.isin(table, want).any(axis=1)
+        return np.flatnonzero(held).astype(np.int32)
+
     def shard_sums(self) -> list[int]:
         """Each shard's checksum from the published rows."""
         return shard_sums(self._hosts, self.layout)

@@ -78,12 +78,21 @@ def _check_pools(kv: jax.Array, mesh: Mesh, row_axis: str, num_shards: int) -> i
     return num_pages // num_shards
 
 
-def _write_block(kv, k_new, v_new, slots, token_rows, *, pages_per_shard: int):
+def _local_gather(devices_per_shard: int):
+    """All-gather over a shard's own devices; nothing at all with one device per shard, so
+    the program holds no collective (a survivable job's replaced process can run no
+    collective on CPU; see ``kv_transfer``)."""
+    if devices_per_shard == 1:
+        return lambda x: x
+    return functools.partial(jax.lax.all_gather, axis_name=LOCAL_AXIS, tiled=True)
+
+
+def _write_block(kv, k_new, v_new, slots, token_rows, *, pages_per_shard: int, local_n: int):
     """Body: write the shard's new K/V that falls into this device's part of the pool."""
     pages, page_size, combined, dim = kv.shape  # this device's pages
     shard = jax.lax.axis_index(SHARD_AXIS)
     local = jax.lax.axis_index(LOCAL_AXIS)
-    gather = functools.partial(jax.lax.all_gather, axis_name=LOCAL_AXIS, tiled=True)
+    gather = _local_gather(local_n)
     k_s, v_s, slots_s, rows_s = (gather(x) for x in (k_new, v_new, slots, token_rows))
     first = (shard * pages_per_shard + local * pages) * page_size  # this device's first slot
     local_slot = slots_s - first  # i32[Tps]
@@ -99,8 +108,11 @@ def _compiled_write(mesh: Mesh, row_axis: str, num_shards: int, pages_per_shard:
     dmesh = shard_mesh(mesh, row_axis, num_shards)
     spec3 = P((SHARD_AXIS, LOCAL_AXIS), None, None)
     pages = P((SHARD_AXIS, LOCAL_AXIS), None, None, None)
+    body = functools.partial(
+        _write_block, pages_per_shard=pages_per_shard, local_n=dmesh.shape[LOCAL_AXIS]
+    )
     mapped = jax.shard_map(
-        functools.partial(_write_block, pages_per_shard=pages_per_shard),
+        body,
         mesh=dmesh,
         in_specs=(pages, spec3, spec3, ROWS, ROWS),
         out_specs=pages,
@@ -141,7 +153,7 @@ def write_kv(
 
 
 def _attention_block(
-    queries, kv, table, kv_lens, cu_q_lens, *, pages_per_shard: int, sm_scale: float
+    queries, kv, table, kv_lens, cu_q_lens, *, pages_per_shard: int, sm_scale: float, local_n: int
 ):
     """Body: attention of this device's tokens, read through its shard's local pages."""
     tokens, q_heads, dim = queries.shape  # this device's slice of the shard's token block
@@ -149,7 +161,7 @@ def _attention_block(
     kv_heads = combined // 2
     shard = jax.lax.axis_index(SHARD_AXIS)
     local = jax.lax.axis_index(LOCAL_AXIS)
-    gather = functools.partial(jax.lax.all_gather, axis_name=LOCAL_AXIS, tiled=True)
+    gather = _local_gather(local_n)
     pool = gather(kv)  # f32[pages_per_shard, page_size, 2 * kv_heads, dim]
     pages = gather(table) - shard * pages_per_shard  # i32[Rs, P] local page indices
     pages = jnp.where((pages >= 0) & (pages < pages_per_shard), pages, 0)  # tails: masked
@@ -183,7 +195,12 @@ def _compiled_attention(
     dmesh = shard_mesh(mesh, row_axis, num_shards)
     tokens = P((SHARD_AXIS, LOCAL_AXIS), None, None)
     mapped = jax.shard_map(
-        functools.partial(_attention_block, pages_per_shard=pages_per_shard, sm_scale=sm_scale),
+        functools.partial(
+            _attention_block,
+            pages_per_shard=pages_per_shard,
+            sm_scale=sm_scale,
+            local_n=dmesh.shape[LOCAL_AXIS],
+        ),
         mesh=dmesh,
         in_specs=(
             tokens,

@@ -9,7 +9,9 @@ dense causal attention for any token from that request's own K/V
 (:func:`dense_reference`) and compare it with what the shards computed.
 
 The KV caches are kept per process under ``AttentionConfig.name``; a restarted shard process
-starts with empty caches, which is exactly the KV that recovery reports lost.
+starts with empty caches, which is exactly the KV that recovery reports lost. In a survivable
+job the KV copies go over the shards' KV channel (:mod:`.kv_transfer`), since no collective
+works there once a process was replaced.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..shard.kv_copy import apply_kv_copies
 from ..shard.step import ShardStep
+from . import kv_transfer
 from .attention import paged_attention, write_kv, zeros_kv_cache
 
 _CACHES: dict[str, list[jax.Array]] = {}  # this process's KV caches, per table name
@@ -97,9 +100,19 @@ def serve_step(arrays, step: ShardStep, cfg: AttentionConfig, row_uids: np.ndarr
             zeros_kv_cache(mesh, pages, size, cfg.kv_heads, cfg.head_dim, cfg.row_axis)
             for size in cfg.page_sizes
         ]
-    for g, rounds in enumerate(step.take_kv_copies()):
-        for plan in rounds:
-            caches[g] = apply_kv_copies(caches[g], plan, row_axis=cfg.row_axis)
+    peer = kv_transfer.installed()
+    if peer is None:  # one job that never lost a process: one SPMD program per round
+        for g, rounds in enumerate(step.take_kv_copies()):
+            for plan in rounds:
+                caches[g] = apply_kv_copies(caches[g], plan, row_axis=cfg.row_axis)
+    else:  # a survivable job: no collective, pages over the KV channel
+        pools = [cfg.pages_per_shard] * len(caches)
+        caches, torn = kv_transfer.move_kv_pages(
+            caches, step.take_kv_copies(), pools, step.epoch, peer
+        )
+        if any(t.size for t in torn):
+            _CACHES[cfg.name] = caches
+            raise kv_transfer.KvTransferError(peer.shard, torn, "their source shard is gone")
     inputs = step.inputs
     uids = jax.make_array_from_callback(
         row_uids.shape, NamedSharding(mesh, P()), lambda idx: np.asarray(row_uids, np.int32)[idx]

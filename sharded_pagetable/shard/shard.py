@@ -325,6 +325,14 @@ class Shard:
             self.epoch, self.spec.shard_id, self.tables, self.counts, generation
         )
 
+    def drop_kv_copies(self, pools: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Forget pending KV copies from or into the page ``pools`` of replaced shards;
+        returns per group the pages whose KV will not arrive (see
+        :meth:`StepState.drop_pools`)."""
+        if self.step is None:
+            return []
+        return self.step.drop_pools(pools)
+
     def step_snapshot(self) -> StepInputs | None:
         """This shard's part of the last epoch's step inputs, as numpy (None without)."""
         return None if self.step is None else self.step.to_numpy()

@@ -132,6 +132,30 @@ class StepState:
         self.copies = [[] for _ in self.config.page_sizes]
         return plans
 
+    def drop_pools(self, pools: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Forget the pending copies from or into ``pools`` (``[lo, hi)`` page ids of shards
+        whose process was replaced: their KV is gone). Returns, per group, the destination
+        pages outside those pools whose source was inside one (``i64[k]``): pages whose KV
+        will never arrive."""
+        bounds = np.array(pools, np.int64).reshape(-1, 2)
+
+        def inside(pages: np.ndarray) -> np.ndarray:
+            return ((pages[:, None] >= bounds[:, 0]) & (pages[:, None] < bounds[:, 1])).any(1)
+
+        lost = []
+        for rounds in self.copies:
+            gone: set[int] = set()
+            for pending in rounds:
+                dst = np.fromiter(pending, np.int64, len(pending))
+                src = np.fromiter(pending.values(), np.int64, len(pending))
+                dead_dst, dead_src = inside(dst), inside(src)
+                for d in dst[dead_dst | dead_src].tolist():
+                    del pending[d]
+                gone.update(dst[dead_src & ~dead_dst].tolist())
+            rounds[:] = [r for r in rounds if r]
+            lost.append(np.array(sorted(gone), np.int64))
+        return lost
+
     def pending_copies(self) -> tuple[tuple[np.ndarray, ...], ...]:
         return tuple(tuple(plan_of(r) for r in rounds if r) for rounds in self.copies)
 

@@ -62,9 +62,14 @@ def _shard_block(
     local = jax.lax.axis_index(LOCAL_AXIS)
     num_local = jax.lax.axis_size(LOCAL_AXIS)
     tokens_per_device = tokens_per_shard // num_local
-    gather = functools.partial(jax.lax.all_gather, axis_name=LOCAL_AXIS, tiled=True)
-    sched_s = gather(sched, to="invarying")  # i32[Rs] the shard's rows
-    done_s = gather(done, to="invarying")  # i32[Rs]
+    # With one device per shard the body holds no collective at all: a survivable job's
+    # replaced process can run none on CPU (see serving/kv_transfer).
+    if num_local == 1:
+        sched_s, done_s = sched, done
+    else:
+        gather = functools.partial(jax.lax.all_gather, axis_name=LOCAL_AXIS, tiled=True)
+        sched_s = gather(sched, to="invarying")  # i32[Rs] the shard's rows
+        done_s = gather(done, to="invarying")  # i32[Rs]
     rows_per_shard = sched_s.shape[0]
     cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sched_s, dtype=jnp.int32)])
     tok = jnp.arange(tokens_per_shard, dtype=jnp.int32)  # i32[Tps] slot in the shard block
@@ -85,7 +90,8 @@ def _shard_block(
     for table, size in zip(tables, page_sizes, strict=True):
         page_col = jnp.minimum(pos // size, table.shape[1] - 1)
         slot = jnp.where(mine, table[my_row, page_col] * size + pos % size, 0)
-        slot = jax.lax.psum_scatter(slot, LOCAL_AXIS, scatter_dimension=0, tiled=True)
+        if num_local > 1:
+            slot = jax.lax.psum_scatter(slot, LOCAL_AXIS, scatter_dimension=0, tiled=True)
         slots.append(jnp.where(own(valid), slot, SLOT_MAPPING_PADDING_VAL))
     return (own(token_rows), own(pos), tuple(slots), done + sched, cu[None, :])
 
@@ -109,11 +115,14 @@ def _compiled(
         row_offset=row_offset,
     )
     rows_2d = P((SHARD_AXIS, LOCAL_AXIS), None)
+    offsets_axes = SHARD_AXIS if dmesh.shape[LOCAL_AXIS] > 1 else (SHARD_AXIS, LOCAL_AXIS)
     mapped = jax.shard_map(
         body,
         mesh=dmesh,
         in_specs=((rows_2d,) * groups, ROWS, ROWS),
-        out_specs=(ROWS, ROWS, (ROWS,) * groups, ROWS, P(SHARD_AXIS, None)),
+        # One device per shard: the offsets vary over no other device, and saying so keeps
+        # the body free of the gather that would make them invariant.
+        out_specs=(ROWS, ROWS, (ROWS,) * groups, ROWS, P(offsets_axes, None)),
     )
     rows = NamedSharding(mesh, P(row_axis))
     table_sharding = NamedSharding(mesh, P(row_axis, None))
