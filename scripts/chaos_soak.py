@@ -4,6 +4,7 @@
     scripts/dev.sh bench chaos_soak --kills 10 --steps 40
     scripts/dev.sh bench chaos_soak --standby            # recover onto pre-started shards
     scripts/dev.sh bench chaos_soak --survivable --shards 4   # replace only the dead shards
+    scripts/dev.sh bench chaos_soak --serving            # survivable shards under a model step
 
 Prints kills survived, rows lost, mixed-epoch arrays and recovery time p50/p99; exits
 non-zero if any row was lost, any array mixed epochs or the mirror diverged.
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ray_actors.cluster import start_local
 from sharded_pagetable.testing.chaos import ChaosConfig, run_chaos
+from sharded_pagetable.testing.chaos_serving import ServingChaosConfig, run_serving_chaos
 
 
 def main() -> int:
@@ -38,6 +40,13 @@ def main() -> int:
         action="store_true",
         help="ray.survivable: replace only the dead shard processes",
     )
+    parser.add_argument(
+        "--serving",
+        action="store_true",
+        help="the serving soak: 4 survivable shards, serve_step checked against dense "
+        "attention every step, migrations, kills inside model steps too",
+    )
+    parser.add_argument("--in-step", type=int, default=10, help="kills inside a model step")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     import ray
@@ -45,20 +54,35 @@ def main() -> int:
     start_local(namespace="chaos_soak")
     t0 = time.perf_counter()
     try:
-        report = run_chaos(
-            ChaosConfig(
-                steps=args.steps,
-                kills=args.kills,
-                in_commit=args.in_commit,
-                seed=args.seed,
-                num_shards=args.shards,
-                standby=args.standby,
-                survivable=args.survivable,
-            ),
-            progress=lambda r: print(
-                f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True
-            ),
-        )
+        if args.serving:
+            report = run_serving_chaos(
+                ServingChaosConfig(
+                    steps=args.steps,
+                    kills=args.kills,
+                    in_commit=args.in_commit,
+                    in_step=args.in_step,
+                    seed=args.seed,
+                    num_shards=max(args.shards, 4),
+                ),
+                progress=lambda r: print(
+                    f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True
+                ),
+            )
+        else:
+            report = run_chaos(
+                ChaosConfig(
+                    steps=args.steps,
+                    kills=args.kills,
+                    in_commit=args.in_commit,
+                    seed=args.seed,
+                    num_shards=args.shards,
+                    standby=args.standby,
+                    survivable=args.survivable,
+                ),
+                progress=lambda r: print(
+                    f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True
+                ),
+            )
     finally:
         ray.shutdown()
     print()

@@ -36,6 +36,7 @@ class InFlight:
     receipt: CommitReceipt
     published: Published
     started: float  # perf_counter() when the commit began
+    schedule: Schedule | None  # the epoch's step schedule (all rows), if it carried one
 
 
 class EpochCommitter:
@@ -56,6 +57,7 @@ class EpochCommitter:
         self.epoch = 0  # the last confirmed epoch
         self.generation = 0  # this coordinator's (see fence)
         self.expected = [0] * mirror.layout.num_shards  # u64 checksum each shard must report
+        self.schedule: Schedule | None = None  # the last confirmed epoch's, if it had one
         self._in_flight: InFlight | None = None
 
     @property
@@ -98,7 +100,7 @@ class EpochCommitter:
         receipt = CommitReceipt(
             plan.id.epoch, num_reqs, True, receipts, plan.kv_copies, confirmed=False
         )
-        self._in_flight = InFlight(receipt, published, started)
+        self._in_flight = InFlight(receipt, published, started, plan.schedule)
         if self.metrics is not None:
             self.metrics.sent(receipt)
         return receipt
@@ -120,6 +122,7 @@ class EpochCommitter:
             raise
         self.expected = flight.published.expected
         self.epoch = epoch
+        self.schedule = flight.schedule
         if self.metrics is not None:
             self.metrics.confirmed(epoch, time.perf_counter() - flight.started, acks)
         return flight.receipt.confirm([a.apply_us for a in acks])
@@ -155,7 +158,8 @@ class EpochCommitter:
         """Bring every shard back to the confirmed epoch (the caller settled the epoch in
         flight): shards whose process is gone get new ones (:meth:`Backend.replace_dead`),
         and those plus any live shard that does not hold what the mirror published are
-        re-seeded from the mirror; the others keep everything, except pending KV copies
+        re-seeded from the mirror (with the confirmed epoch's step schedule, so a model step
+        can run at once); the others keep everything, except pending KV copies
         from or into a replaced shard's pool. Returns the shards that got new processes and
         the live rows of other shards whose KV died with them (``i32[k]``: rows a pending or
         torn KV copy from a replaced pool was to fill); raises if a shard fails again."""
@@ -177,7 +181,7 @@ class EpochCommitter:
                 set(fresh)
                 | {s for s, a in enumerate(held) if (a.epoch, a.checksum) != self.holds(s)}
             )
-            states = self.mirror.published_states(self.epoch, self.generation)
+            states = self.mirror.published_states(self.epoch, self.generation, self.schedule)
             results = backend.reseed(stale, [states[s] for s in stale], self.generation)
         except ShardFailedError:
             raise

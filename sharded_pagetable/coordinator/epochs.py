@@ -7,6 +7,7 @@ answers.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,16 +114,27 @@ def new_generation(above: int) -> int:
 
 
 def published_states(
-    hosts: Sequence[HostRows], layout: ShardLayout, epoch: int, generation: int
+    hosts: Sequence[HostRows],
+    layout: ShardLayout,
+    epoch: int,
+    generation: int,
+    schedule: Schedule | None = None,
 ) -> list[ShardBatch | None]:
-    """Full-state batches rebuilding each shard at the published ``epoch`` (None at 0)."""
+    """Full-state batches rebuilding each shard at the published ``epoch`` (None at 0),
+    with their rows' part of that epoch's ``schedule`` (all rows) when given."""
     if epoch == 0:
         return [None] * layout.num_shards
     out = []
     for s in range(layout.num_shards):
         rows = layout.shard_rows(s)
         views = [h.published_rows(rows.start, rows.stop) for h in hosts]
-        out.append(ShardBatch.full_state(epoch, s, *zip(*views, strict=True), generation))
+        state = ShardBatch.full_state(epoch, s, *zip(*views, strict=True), generation)
+        if schedule is not None:
+            part = Schedule(
+                schedule.sched[rows.start : rows.stop], schedule.done[rows.start : rows.stop]
+            )
+            state = dataclasses.replace(state, schedule=part)
+        out.append(state)
     return out
 
 

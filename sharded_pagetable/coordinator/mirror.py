@@ -136,9 +136,12 @@ class Mirror(PooledRowOps):
 
     # -- whole-table state ---------------------------------------------------------------
 
-    def published_states(self, epoch: int, generation: int) -> list[ShardBatch | None]:
-        """Full-state batches rebuilding each shard at the published ``epoch``."""
-        return published_states(self._hosts, self.layout, epoch, generation)
+    def published_states(
+        self, epoch: int, generation: int, schedule: Schedule | None = None
+    ) -> list[ShardBatch | None]:
+        """Full-state batches rebuilding each shard at the published ``epoch``, each with
+        its rows' part of that epoch's step ``schedule`` (all rows), if given."""
+        return published_states(self._hosts, self.layout, epoch, generation, schedule)
 
     def live_rows(self, shards: Sequence[int] | None = None) -> np.ndarray:
         """``i32[k]`` rows holding pages in any group as last published (of ``shards``

@@ -237,6 +237,11 @@ class ShardedServingWorkload:
             kv_pages_moved=pages,
         )
 
+    def recompute(self, rids: set[int]) -> int:
+        """Prefill requests ``rids`` again from scratch (their KV is lost); see
+        :meth:`ServingWorkload.recompute`."""
+        return sum(wl.recompute(rids) for wl in self.shards)
+
     def live_pages(self) -> list[list[int]]:
         """Global page ids per group held by the live requests, shard by shard."""
         per_shard = [wl.live_pages() for wl in self.shards]

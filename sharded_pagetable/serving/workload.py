@@ -303,6 +303,23 @@ class ServingWorkload:
         self.rows.append(req)
         return len(self.rows) - 1, [list(ids) for ids in req.pages]
 
+    def recompute(self, rids: set[int]) -> int:
+        """The KV of requests ``rids`` is gone (a recovery reported their rows lost): each
+        running one keeps its row and pages and prefills its whole context again, as
+        vLLM's recompute preemption does; a request that already finished is left alone.
+        Returns how many will be recomputed."""
+        count = 0
+        for req in self.rows:
+            if req.rid in rids and req.generated < req.output_len and req.computed:
+                if not req.in_prefill:
+                    # The context so far (prompt + generated - 1 tokens) becomes the prompt;
+                    # the total length, and so the pages promised, stay the same.
+                    req.output_len -= req.generated - 1
+                    req.prompt_len, req.generated = req.computed, 0
+                req.computed = 0
+                count += 1
+        return count
+
     def release_pages(self, pages: Sequence[Sequence[int]]) -> None:
         """Return pages ``[group][pages]`` (of an evicted request) to the pool."""
         for g, ids in enumerate(pages):

@@ -290,7 +290,8 @@ class Shard:
     def reseed(self, batch: ShardBatch | bytes | None, generation: int = 0) -> Ack:
         """Replace every row with a full-state batch (``ShardBatch.full_state``; None: empty).
 
-        Used to rebuild a replaced shard from the coordinator's published rows.
+        Used to rebuild a replaced shard from the coordinator's published rows; a schedule
+        in the batch is that epoch's, so a model step can run on the rebuilt shard at once.
         """
         batch = None if batch is None else self._decoded(batch)
         self._obey(generation if batch is None else batch.generation)
@@ -314,6 +315,8 @@ class Shard:
         self._applied, self._undo = None, None
         if self.step is not None:
             self.step.reset()  # the KV the plan referred to died with the old process
+            if batch is not None and batch.schedule is not None:
+                self.step.advance(batch, self.devices)  # the epoch's step can run again
         return self._ack(0, applied=True)
 
     def export(self, generation: int = 0) -> ShardBatch | None:
