@@ -46,9 +46,10 @@ def test_ray_local_yaml_parses() -> None:
     cfg = TableConfig.from_yaml(str(RAY_LOCAL))
     assert cfg.backend == "ray"
     assert cfg.num_shards == 4
-    assert dict(cfg.mesh) == {"data": 8}
+    assert dict(cfg.mesh) == {"data": 4}
     assert cfg.ray.address is None
-    assert cfg.ray.devices_per_shard == 2
+    assert cfg.ray.devices_per_shard == 1
+    assert cfg.ray.survivable
     assert cfg.ray.platform == "cpu"
     assert cfg.ray.timeout_s == 60
     assert cfg.ray.placement == "pack"

@@ -47,6 +47,21 @@ def row_digests(arrays: list, *_: object) -> list[np.ndarray]:
     ]
 
 
+def local_row_digests(arrays: list, *_: object) -> list[list[tuple[int, np.ndarray]]]:
+    """Per group, ``(first row, u32[rows] digests)`` of each block this process holds, read
+    from its own devices: no program spans processes, so it works in a survivable job after
+    a shard process was replaced (where no cross-process collective does, on CPU)."""
+    out = []
+    for arr in arrays:
+        blocks = {}
+        for s in arr.addressable_shards:
+            start = s.index[0].start or 0
+            if start not in blocks:
+                blocks[start] = host_row_digests(np.asarray(s.data))
+        out.append(sorted(blocks.items()))
+    return out
+
+
 def addressable_rows(arrays: list, *_: object) -> list[list[tuple[int, int, int]]]:
     """Per group, ``(process, first row, last row + 1)`` of each addressable shard."""
     import jax

@@ -36,6 +36,10 @@ class DemoStats:
     max_error: float | None = None
     pages_moved: list[int] = field(default_factory=list)  # per group, from the receipts
     problems: list[str] = field(default_factory=list)
+    kills: int = 0  # shard processes SIGKILLed (--kill-every)
+    recovery_s: list[float] = field(default_factory=list)
+    kv_rows_lost: int = 0  # rows whose KV recoveries reported lost (their requests recomputed)
+    survivors_restarted: int = 0  # processes of shards that were not killed, yet replaced
 
 
 def _drop_kv(arrays, name: str) -> None:
@@ -83,17 +87,27 @@ def check_mirror(table, workload, num_reqs: int) -> list[str]:
 
 
 def check_devices(table, num_reqs: int) -> list[str]:
-    """Compare every shard process's view of the device arrays with the mirror."""
-    from .checks import host_row_digests, row_digests
+    """Compare the device arrays every shard process holds with the mirror, and check that
+    together they cover every row."""
+    from .checks import host_row_digests, local_row_digests
 
     problems = []
-    per_shard = table.run_on_shards(row_digests)
+    per_shard = table.run_on_shards(local_row_digests)
     for g in range(len(table)):
-        want = host_row_digests(table[g].get_cpu_tensor()[:num_reqs])
-        for s, digests in enumerate(per_shard):
-            bad = np.flatnonzero(digests[g][:num_reqs] != want)
-            if bad.size:
-                problems.append(f"group {g}: shard process {s} sees rows {bad[:5].tolist()} differ")
+        want = host_row_digests(table[g].get_cpu_tensor())
+        seen = np.zeros(want.size, bool)
+        for s, blocks in enumerate(per_shard):
+            for start, digests in blocks[g]:
+                rows = slice(start, start + digests.size)
+                seen[rows] = True
+                bad = np.flatnonzero(digests != want[rows]) + start
+                bad = bad[bad < num_reqs]
+                if bad.size:
+                    problems.append(
+                        f"group {g}: shard process {s} holds rows {bad[:5].tolist()} that differ"
+                    )
+        if not seen.all():
+            problems.append(f"group {g}: rows {np.flatnonzero(~seen)[:5].tolist()} held nowhere")
     return problems
 
 
@@ -105,6 +119,52 @@ def _cross_shard_ops(ops, rows_per_shard: int) -> int:
     )
 
 
+class _Killer:
+    """``--kill-every N``: SIGKILL a random shard process every ``N`` steps, between row
+    operations and the commit; the commit recovers (``recover: auto``). Counts what the
+    recoveries cost and which requests lost their KV (read against the rows as published
+    before the step), so they are recomputed and left out of that step's check."""
+
+    def __init__(self, table, every: int, seed: int) -> None:
+        self.table = table
+        self.every = every
+        self.rng = np.random.default_rng(seed)
+        self.published = np.full(table.layout.max_num_reqs, -1, np.int64)  # request per row
+
+    def before_commit(self, step_no: int, stats: DemoStats) -> tuple[int, list[int], int]:
+        """Kill a shard if it is time; returns what :meth:`after` compares against."""
+        import os
+        import signal
+
+        from ..testing.chaos import wait_for_exit
+
+        pids = [w["pid"] for w in self.table._backend.placements]
+        victim = -1
+        if self.every and (step_no + 1) % self.every == 0:
+            victim = int(self.rng.integers(self.table.num_shards))
+            os.kill(pids[victim], signal.SIGKILL)
+            wait_for_exit(pids[victim], 20)
+            stats.kills += 1
+        return len(self.table.recoveries), pids, victim
+
+    def after(self, mark: tuple[int, list[int], int], stats: DemoStats) -> set[int]:
+        since, pids, victim = mark
+        table = self.table
+        if len(table.recoveries) == since:
+            return set()
+        stats.recovery_s += table.recoveries[since:]
+        now = [w["pid"] for w in table._backend.placements]
+        stats.survivors_restarted += sum(
+            a != b for s, (a, b) in enumerate(zip(pids, now, strict=True)) if s != victim
+        )
+        stats.kv_rows_lost += int(table.lost_kv_rows.size)
+        return {int(u) for u in self.published[table.lost_kv_rows] if u >= 0}
+
+    def published_step(self, step) -> None:
+        self.published[:] = -1
+        self.published[: step.num_reqs] = step.row_uids
+
+
 class _Server:
     """The model step of a table with page pools: commit with the schedule, serve, check."""
 
@@ -114,7 +174,9 @@ class _Server:
         self.cfg = attention
         self.check_every = check_every
 
-    def step(self, step, stats: DemoStats, check: bool) -> None:
+    def step(self, step, stats: DemoStats, check: bool, killer: _Killer, mark) -> set[int]:
+        """Commit and serve ``step``; returns the requests whose KV a recovery in the
+        commit reported lost (their tokens are not checked: the caller recomputes them)."""
         from ..serving.runner import max_error, serve_step
 
         t = time.perf_counter()
@@ -122,6 +184,8 @@ class _Server:
             step.num_reqs, num_scheduled_tokens=step.scheduled, num_computed_tokens=step.computed
         )
         stats.commit_us.append((time.perf_counter() - t) * 1e6)
+        lost = killer.after(mark, stats)
+        killer.published_step(step)
         stats.dirty.append(receipt.rows)
         stats.sent.append(receipt.bytes)
         for g, copies in enumerate(receipt.kv_copies):
@@ -131,16 +195,18 @@ class _Server:
         t = time.perf_counter()
         results = self.table.run_on_shards(serve_step, self.cfg, uids, step=True)
         stats.serve_us.append((time.perf_counter() - t) * 1e6)
-        if not check:
-            return
-        n, err = max_error(self.cfg, results, uids)
+        if not check and not lost:
+            return lost
+        n, err = max_error(self.cfg, results, uids, skip=lost)
         stats.tokens_checked += n
         stats.rows_checked += int(np.count_nonzero(step.scheduled))
         stats.max_error = max(err, stats.max_error or 0.0)
-        if n != int(step.scheduled.sum()):
+        skipped = int(step.scheduled[np.isin(step.row_uids, list(lost))].sum()) if lost else 0
+        if n != int(step.scheduled.sum()) - skipped:
             stats.problems.append(f"{n} tokens came back, {int(step.scheduled.sum())} scheduled")
         if not err <= TOLERANCE:  # also catches NaN
             stats.problems.append(f"attention differs from dense by {err:.3g} > {TOLERANCE}")
+        return lost
 
 
 def make_workload(args, config):
@@ -188,6 +254,7 @@ def run(args, config, table) -> tuple[object, DemoStats]:
         )
         server = _Server(table, workload, attention, args.check_every)
     rps = table.layout.rows_per_shard
+    killer = _Killer(table, getattr(args, "kill_every", 0), args.seed)
     try:
         for step_no in tqdm(range(args.steps), desc="steps", unit="step", disable=args.quiet):
             step = workload.step()
@@ -196,8 +263,11 @@ def run(args, config, table) -> tuple[object, DemoStats]:
             stats.live.append(step.num_reqs)
             stats.tokens.append(int(step.token_rows.size))
             check = (step_no + 1) % args.check_every == 0 or step_no + 1 == args.steps
+            mark = killer.before_commit(step_no, stats)
             if server is not None:
-                server.step(step, stats, check)
+                lost = server.step(step, stats, check, killer, mark)
+                if lost:
+                    workload.recompute(lost)
             else:
                 t = time.perf_counter()
                 receipt = table.commit(step.num_reqs)
@@ -214,6 +284,10 @@ def run(args, config, table) -> tuple[object, DemoStats]:
             stats.problems.append(
                 f"receipts carried {sum(stats.pages_moved)} KV page copies, the workload "
                 f"migrated {workload.kv_pages_moved} pages"
+            )
+        if stats.survivors_restarted and config.backend == "ray" and config.ray.survivable:
+            stats.problems.append(
+                f"{stats.survivors_restarted} shard processes that were not killed were replaced"
             )
         # Publish everything and compare whole snapshots with the mirror.
         table.commit(config.max_num_reqs)

@@ -93,12 +93,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo, report
 
     config = demo.with_address(_load(args.config, {}), args.address)
+    if args.kill_every < 0:
+        print(f"error: --kill-every must be >= 0, got {args.kill_every}", file=sys.stderr)
+        return 2
+    if args.kill_every and (
+        config.backend != "ray" or config.pages_per_shard is None or config.ray.address
+    ):
+        print(
+            "error: --kill-every needs the Ray backend started on this machine (ray.address "
+            "null) and pages_per_shard (a model step whose KV can be lost)",
+            file=sys.stderr,
+        )
+        return 2
     print(f"starting {config.backend} backend: {config.num_shards} shards from {args.config}")
     t0 = time.perf_counter()
     try:
         from ..coordinator.coordinator import ShardedPageTable
 
-        table = ShardedPageTable.from_config(config)
+        overrides = {"recover": "auto"} if args.kill_every else {}
+        table = ShardedPageTable.from_config(config, **overrides)
     except Exception as exc:
         if config.backend == "ray":
             print(
@@ -142,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--plot", default="out/demo.png")
     demo.add_argument("--no-plot", action="store_true")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--kill-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="SIGKILL a random shard process every N steps (Ray on this machine, with "
+        "page pools; the table recovers on its own)",
+    )
     demo.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="print which rows and devices each shard owns")
     info.add_argument("--config", default=str(DEFAULT_CONFIG))

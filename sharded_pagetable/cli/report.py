@@ -45,6 +45,17 @@ def summary(args, config, workload, stats: DemoStats) -> None:
             ("migrations", f"{workload.migrations} ({workload.kv_pages_moved} KV pages)"),
             ("KV bytes moved", f"{_mib(sum(moved))} (per group {per_group})"),
         ]
+    if stats.kills:
+        rec = stats.recovery_s
+        rows += [
+            ("shard processes killed", f"{stats.kills} (recoveries {len(rec)})"),
+            (
+                "recovery p50 / max",
+                " / ".join(f"{v:.2f} s" for v in (np.median(rec), max(rec))) if rec else "-",
+            ),
+            ("rows whose KV was lost", f"{stats.kv_rows_lost} (recomputed)"),
+            ("survivors restarted", f"{stats.survivors_restarted}"),
+        ]
     rows.append(("checks", f"{stats.checks} ({'FAILED' if stats.problems else 'all passed'})"))
     width = max(len(k) for k, _ in rows)
     cell = max(40, max(len(v) for _, v in rows))

@@ -158,6 +158,9 @@ def read_pages(kv: jax.Array, pages: np.ndarray) -> dict[tuple[int, ...], np.nda
         idx = np.full(_bucket(int(pick.sum())), 0, np.int32)
         idx[: pick.sum()] = pages[pick] - lo
         got = np.asarray(_gather(block, jax.device_put(idx, block.sharding)))
+        if key not in out and pick.all():  # one block holds them all: no second copy
+            out[key] = got[: pages.size]
+            continue
         if key not in out:
             out[key] = np.empty((pages.size, *block.shape[1:]), block.dtype)
         out[key][pick] = got[: pick.sum()]
@@ -199,7 +202,7 @@ def _encode(kvs: Sequence[jax.Array], copies: Sequence[tuple[np.ndarray, np.ndar
         groups.append(
             {
                 "dst": dst.astype("<i8").tobytes(),
-                "parts": [[list(k), np.ascontiguousarray(v).tobytes()] for k, v in parts.items()],
+                "parts": [[list(k), memoryview(np.ascontiguousarray(v))] for k, v in parts.items()],
             }
         )
     return msgpack.packb(groups, use_bin_type=True)

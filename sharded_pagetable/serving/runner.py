@@ -17,6 +17,7 @@ works there once a process was replaced.
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import jax
@@ -190,11 +191,16 @@ def dense_reference(cfg: AttentionConfig, uid: int, pos: int) -> np.ndarray:
     return np.einsum("hk,khd->hd", weights, v).astype(np.float32)
 
 
-def max_error(cfg: AttentionConfig, results: list[dict], row_uids: np.ndarray) -> tuple[int, float]:
+def max_error(
+    cfg: AttentionConfig, results: list[dict], row_uids: np.ndarray, skip: Collection[int] = ()
+) -> tuple[int, float]:
     """``(tokens checked, max |shard output - dense reference|)`` over every scheduled token
-    of every group."""
+    of every group, except those of the requests in ``skip`` (whose KV a recovery reported
+    lost in this step)."""
     rows, positions, outs = gather_outputs(results)
     live = np.flatnonzero(rows >= 0)
+    if skip:
+        live = live[~np.isin(row_uids[rows[live]], np.fromiter(skip, np.int64, len(skip)))]
     worst = 0.0
     for t in live.tolist():
         want = dense_reference(cfg, int(row_uids[rows[t]]), int(positions[t]))
