@@ -138,9 +138,11 @@ class _Killer:
 
         from ..testing.chaos import wait_for_exit
 
+        if not self.every:
+            return len(self.table.recoveries), [], -1
         pids = [w["pid"] for w in self.table._backend.placements]
         victim = -1
-        if self.every and (step_no + 1) % self.every == 0:
+        if (step_no + 1) % self.every == 0:
             victim = int(self.rng.integers(self.table.num_shards))
             os.kill(pids[victim], signal.SIGKILL)
             wait_for_exit(pids[victim], 20)
@@ -153,10 +155,11 @@ class _Killer:
         if len(table.recoveries) == since:
             return set()
         stats.recovery_s += table.recoveries[since:]
-        now = [w["pid"] for w in table._backend.placements]
-        stats.survivors_restarted += sum(
-            a != b for s, (a, b) in enumerate(zip(pids, now, strict=True)) if s != victim
-        )
+        if pids:
+            now = [w["pid"] for w in table._backend.placements]
+            stats.survivors_restarted += sum(
+                a != b for s, (a, b) in enumerate(zip(pids, now, strict=True)) if s != victim
+            )
         stats.kv_rows_lost += int(table.lost_kv_rows.size)
         return {int(u) for u in self.published[table.lost_kv_rows] if u >= 0}
 
