@@ -27,7 +27,16 @@ from .calls import per_shard
 from .channel import ChannelClosedError
 from .cluster import connect, reap, release
 from .delivery import EpochDelivery
-from .launch import ShardSet, alive, kill, launch, replace_shard, start_spare
+from .launch import (
+    ShardSet,
+    alive,
+    attached_set,
+    find_service,
+    kill,
+    launch,
+    replace_shard,
+    start_spare,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +105,26 @@ class RayBackend:
         """Find the named shard actors of a detached table."""
         if not self.options.detached:
             raise ValueError("attach needs ray.detached: true (named, detached shard actors)")
-        for i in range(self.num_shards):
+        names = [self.actor_name(i) for i in range(self.num_shards)]
+        service = roster = None
+        if self.options.survivable:  # its shards' names are in the service's roster
+            service, roster = find_service(self.options)
+            names = list(roster["shards"])
+            if len(names) != self.num_shards:
+                raise ShardFailedError(
+                    -1,
+                    -1,
+                    f"the running table has {len(names)} shards, this config {self.num_shards}",
+                    during="attaching",
+                )
+        for i, name in enumerate(names):
             try:
-                actor = ray.get_actor(self.actor_name(i), namespace=self.options.namespace)
+                actor = ray.get_actor(name, namespace=self.options.namespace)
             except ValueError:
                 raise ShardFailedError(
                     i,
                     -1,
-                    f"no running actor named {self.actor_name(i)!r} in namespace "
-                    f"{self.options.namespace!r}",
+                    f"no running actor named {name!r} in namespace {self.options.namespace!r}",
                 ) from None
             self.actors.append(actor)
         self.placements = self._gather([a.where.remote() for a in self.actors], "attach")
@@ -122,12 +142,22 @@ class RayBackend:
         tables = [k.table_id for k in keys]
         if len(set(tables)) != 1:
             raise ShardFailedError(0, -1, f"attached shards belong to different tables: {tables}")
-        self._delivery = EpochDelivery(self.actors, self.placements, keys, self.options)
         if self.options.placement == "spread":
             try:
                 self._pg = ray.util.get_placement_group(f"{self.options.name}-pg")
             except ValueError:
                 self._pg = None
+        if self.options.survivable:  # what replacing one of its shards takes
+            self._set = attached_set(
+                self.actors, self.placements, keys, self._pg, self.options, self.actor_name,
+                service, roster["spare"],
+            )  # fmt: skip
+            if self._set.spare is None:
+                self._sparing = threading.Thread(
+                    target=self._new_spare, args=(self._set,), daemon=True
+                )
+                self._sparing.start()
+        self._delivery = EpochDelivery(self.actors, self.placements, keys, self.options)
 
     def _start(self) -> None:
         self._use(self._new_set())
@@ -172,7 +202,8 @@ class RayBackend:
             log.warning("killed shard processes %s that did not exit when asked", killed)
         for s in dead:
             replace_shard(shards, s, self.specs[s], self.mesh_axes, self.row_axis, self.options)
-        self._use(shards)
+        self.actors, self.placements = shards.actors, shards.placements
+        self._delivery = EpochDelivery(self.actors, self.placements, shards.keys, self.options)
         log.warning("replaced shards %s; the others kept their processes", dead)
         self._sparing = threading.Thread(target=self._new_spare, args=(shards,), daemon=True)
         self._sparing.start()  # the next warm spare, in the background
@@ -395,9 +426,15 @@ class RayBackend:
             self._owns_ray = False
 
     def detach(self) -> None:
-        """Forget the actors without stopping them (a detached table outlives this driver)."""
+        """Forget the actors without stopping them (a detached table outlives this driver,
+        with its warm spare, which the next coordinator adopts)."""
         if self._delivery is not None:
             self._delivery.close()
             self._delivery = None
+        self._join_spare()
+        spare = None if self._set is None else self._set.spare
+        if spare is not None and not self.options.detached:
+            kill([spare])  # only a detached table's spare is named, for the next coordinator
+        self._set = None
         self.actors = []
         self._pg = None

@@ -177,7 +177,12 @@ def spread_strategies(
             f"{timeout_s:.0f}s ({fit} nodes could hold a shard's resources {bundle}, but not "
             f"all of them have them free)"
         )
-    strategies = [
+    return pg, bundle_strategies(pg, num_shards)
+
+
+def bundle_strategies(pg, num_shards: int) -> list[PlacementGroupSchedulingStrategy]:
+    """Shard ``i``'s scheduling strategy: bundle ``i`` of ``pg``."""
+    return [
         PlacementGroupSchedulingStrategy(
             placement_group=pg,
             placement_group_bundle_index=i,
@@ -185,7 +190,6 @@ def spread_strategies(
         )
         for i in range(num_shards)
     ]
-    return pg, strategies
 
 
 def release(pg) -> None:

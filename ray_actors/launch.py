@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from sharded_pagetable.shard.shard import ShardSpec
 
 from .calls import per_shard
 from .channel import new_keys, new_secret
-from .cluster import release, spread_strategies
+from .cluster import bundle_strategies, release, spread_strategies
 from .shard_actor import JaxService, JobSeat, ShardActor
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,83 @@ def _actor_options(
     return out
 
 
+def _bundle(o: RayOptions) -> dict[str, float]:
+    """One shard's resources in a ``placement: spread`` group."""
+    bundle: dict[str, float] = {"CPU": o.cpus_per_shard or 0.01}
+    if o.platform == "gpu":
+        bundle["GPU"] = o.devices_per_shard
+    return bundle
+
+
+def service_name(options: RayOptions) -> str:
+    """The name of a detached survivable table's JAX service actor."""
+    return f"{options.name}-jax-service"
+
+
+def _renamed(opts: dict[str, Any], options: RayOptions, what: str) -> dict[str, Any]:
+    """``opts`` with a name of its own (a detached survivable table's replacement or spare:
+    a dead actor's name is not free at once, and the service's roster finds it anyway)."""
+    if "name" not in opts:
+        return opts
+    return {**opts, "name": f"{options.name}-{what}-{secrets.token_hex(4)}"}
+
+
+def _enlist(shards: ShardSet, shard: int | None, opts: dict[str, Any]) -> None:
+    """Record a named actor in the service's roster (detached survivable tables)."""
+    if shards.service is not None and "name" in opts:
+        ray.get(shards.service.enlist.remote(shard, opts["name"]), timeout=30)
+
+
+def find_service(options: RayOptions) -> tuple[Any, dict[str, Any]]:
+    """A detached survivable table's running service actor and its roster of actor names."""
+    try:
+        service = ray.get_actor(service_name(options), namespace=options.namespace)
+        roster = ray.get(service.roster.remote(), timeout=max(options.timeout_s, 10))
+    except Exception as exc:
+        raise ShardFailedError(
+            -1, -1, f"no running JAX service actor named {service_name(options)!r}: {exc}"
+        ) from None
+    return service, roster
+
+
+def attached_set(
+    actors: list[Any],
+    placements: list[dict[str, Any]],
+    keys: list,
+    pg: Any,
+    options: RayOptions,
+    name_of: Callable[[int], str],
+    service: Any,
+    spare_name: str | None,
+) -> ShardSet:
+    """The :class:`ShardSet` of a running survivable table found by name (attach): its
+    service actor, its job seat and KV secret (asked of a shard), the options a replacement
+    of each shard is created with, and its warm spare if it is still there; raises
+    :class:`ShardFailedError` if no shard can say where it sits."""
+    seats = per_shard([a.seat.remote() for a in actors], options.timeout_s)
+    seat = next((s for s in seats if s is not None and not isinstance(s, BaseException)), None)
+    if seat is None:
+        raise ShardFailedError(-1, -1, "no shard of the table could say where it sits in its job")
+    job, kv_secret = seat
+    strategies: list[Any] = [None] * len(actors)
+    num_cpus = options.cpus_per_shard
+    if pg is not None:
+        strategies = bundle_strategies(pg, len(actors))
+        num_cpus = _bundle(options)["CPU"]
+    actor_options = _actor_options(options, num_cpus, strategies, name_of)
+    shards = ShardSet(
+        actors, placements, keys, pg, job, service, actor_options, kv_secret=kv_secret
+    )
+    if spare_name is not None:
+        try:
+            spare = ray.get_actor(spare_name, namespace=options.namespace)
+            ray.get(spare.pid.remote(), timeout=10)
+            shards.spare = spare
+        except Exception as exc:  # gone: the backend starts another
+            log.info("the warm spare %s is gone: %s", spare_name, exc)
+    return shards
+
+
 def launch(
     specs: Sequence[ShardSpec],
     mesh_axes: dict[str, int],
@@ -90,9 +168,7 @@ def launch(
     num_cpus = o.cpus_per_shard
     pg = None
     if o.placement == "spread":
-        bundle: dict[str, float] = {"CPU": o.cpus_per_shard or 0.01}
-        if o.platform == "gpu":
-            bundle["GPU"] = o.devices_per_shard
+        bundle = _bundle(o)
         # A detached table's group is named and detached too: Ray removes a driver's
         # placement groups (and the actors in them) when that driver exits.
         pg, strategies = spread_strategies(
@@ -104,13 +180,18 @@ def launch(
         )
         num_cpus = bundle["CPU"]
     actor_options = _actor_options(o, num_cpus, strategies, name_of)
+    if o.survivable:  # names of their own, kept in the service's roster
+        actor_options = [_renamed(opts, o, f"shard-{i}") for i, opts in enumerate(actor_options)]
     actors, service = [], None
     try:
         actors = [_create(opts, i, num_shards, o) for i, opts in enumerate(actor_options)]
         t0 = time.perf_counter()
         host = actors[0]
         if o.survivable:
-            service = ray.remote(JaxService).options(num_cpus=0, max_restarts=0).remote(o.platform)
+            opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0}
+            if o.detached:
+                opts.update(name=service_name(o), namespace=o.namespace, lifetime="detached")
+            service = ray.remote(JaxService).options(**opts).remote(o.platform)
             host = service
         address = ray.get(host.node_address.remote(), timeout=max(o.timeout_s, 120))
         job = JobSeat(address, num_shards, max(10, int(o.timeout_s * 2)), o.survivable)
@@ -134,6 +215,8 @@ def launch(
     shards = ShardSet(
         actors, results[:num_shards], keys, pg, job, service, actor_options, kv_secret=kv_secret
     )
+    for i, opts in enumerate(actor_options):
+        _enlist(shards, i, opts)
     if o.survivable:
         shards.spare = start_spare(shards, o)
     return shards
@@ -145,9 +228,11 @@ def start_spare(shards: ShardSet, options: RayOptions) -> Any:
     Placed like shard 0 without its placement-group bundle: on a cluster it may land on
     another node than the shard it replaces."""
     opts = {k: v for k, v in shards.actor_options[0].items() if k != "scheduling_strategy"}
+    opts = _renamed(opts, options, "spare")
     try:
         spare = _create(opts, -1, len(shards.actors), options)
         ray.get(spare.warm.remote(), timeout=max(options.timeout_s, 120))
+        _enlist(shards, None, opts)  # a coordinator that attaches adopts it
     except Exception as exc:  # a recovery then starts a process itself
         log.warning("could not start a warm spare shard: %s", exc)
         return None
@@ -162,8 +247,12 @@ def replace_shard(
     spare when there is one, else a new actor; it joins the running job under the same
     process id, with a new channel secret."""
     actor, shards.spare = shards.spare, None
-    if actor is None:
-        actor = _create(shards.actor_options[shard], shard, len(shards.actors), options)
+    if actor is not None:
+        name = ray.get(actor.name.remote(), timeout=30)  # the spare's own
+    else:
+        opts = _renamed(shards.actor_options[shard], options, f"shard-{shard}")
+        name = opts.get("name")
+        actor = _create(opts, shard, len(shards.actors), options)
     key = new_keys(1, table_id=shards.keys[0].table_id)[0]
     try:
         where = ray.get(
@@ -176,6 +265,9 @@ def replace_shard(
             shard, -1, f"replacement failed: {type(exc).__name__}: {exc}"
         ) from exc
     shards.actors[shard], shards.placements[shard], shards.keys[shard] = actor, where, key
+    if name is not None:
+        _enlist(shards, shard, {"name": name})
+        _enlist(shards, None, {"name": None})
 
 
 def _create(opts: dict, shard: int, num_shards: int, o: RayOptions):

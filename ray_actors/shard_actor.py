@@ -97,6 +97,21 @@ class JaxService:
 
             jax.config.update("jax_num_cpu_devices", 1)
         self._joined = False
+        # Actor names of a detached table's shard processes (and its warm spare): a
+        # replacement gets a name of its own, and a coordinator that attaches asks here.
+        self._roster: dict[str, Any] = {"shards": [], "spare": None}
+
+    def roster(self) -> dict[str, Any]:
+        return self._roster
+
+    def enlist(self, shard: int | None, name: str | None) -> None:
+        """Record ``name`` as shard ``shard``'s actor (None: as the warm spare)."""
+        if shard is None:
+            self._roster["spare"] = name
+            return
+        names = self._roster["shards"]
+        names.extend([None] * (shard + 1 - len(names)))
+        names[shard] = name
 
     def node_address(self) -> str:
         return node_address()
@@ -181,6 +196,7 @@ class ShardActor:
 
         self.shard_id = spec.shard_id  # a warm spare learns its shard here
         process = job.join(self.shard_id)
+        self._seat = (job, kv_secret)
         self._joined = True
         # The mesh is every shard's devices: a service process (survivable jobs) holds none.
         devices = [d for d in jax.devices() if d.process_index >= job.first_shard_process]
@@ -280,6 +296,18 @@ class ShardActor:
 
     def where(self) -> dict[str, Any]:
         return self._where
+
+    def seat(self) -> tuple[JobSeat, bytes | None] | None:
+        """Where this process sits in its job and the table's KV secret, for a coordinator
+        that attaches to a survivable table and may have to replace a shard of it (over
+        Ray's authenticated control plane, like :meth:`channel_secret`)."""
+        return getattr(self, "_seat", None)
+
+    def name(self) -> str | None:
+        """This actor's Ray name (None when it has none)."""
+        import ray
+
+        return ray.get_runtime_context().get_actor_name() or None
 
     def channel_secret(self) -> ChannelKey | None:
         """This shard's :class:`~ray_actors.channel.ChannelKey`, for a coordinator that

@@ -139,8 +139,8 @@ class RayOptions:
       survivable: host JAX's coordination service in a process of its own (holding no
         shard) and turn JAX recoverability on in every process, so a recovery replaces
         only the shard processes that died; the others keep their tables, device buffers
-        and whatever the model step keeps in them (KV). Not with ``standby`` or
-        ``detached`` yet.
+        and whatever the model step keeps in them (KV). Not with ``standby``; with
+        ``detached``, the service process is named too and outlives the driver.
     """
 
     address: str | None = None
@@ -190,10 +190,11 @@ class RayOptions:
             raise ConfigError(f"ray.standby must be true or false, got {show(self.standby)}")
         if not isinstance(self.survivable, bool):
             raise ConfigError(f"ray.survivable must be true or false, got {show(self.survivable)}")
-        if self.survivable and (self.standby or self.detached):
+        if self.survivable and self.standby:
             raise ConfigError(
-                "ray.survivable does not go with ray.standby or ray.detached yet: a survivable "
-                "table replaces dead shards alone, and its service process has no name to attach to"
+                "ray.survivable does not go with ray.standby: a survivable table replaces a "
+                "dead shard alone (from a warm spare), a standby set replaces every shard; "
+                "pick one"
             )
         if self.standby and self.detached:
             raise ConfigError(

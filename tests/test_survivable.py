@@ -236,3 +236,75 @@ def test_a_shard_killed_during_a_model_step_is_replaced_alone(local_ray):
         commit_both(t, ref)
     finally:
         t.close()
+
+
+def test_a_new_coordinator_attaches_and_replaces_one_shard_alone(local_ray):
+    """Detached survivable shards: a second coordinator attaches (and fences the first),
+    a shard dies under it, and its recovery replaces that shard alone under the same name;
+    the first coordinator stays fenced off, a third can still attach after it."""
+    from sharded_pagetable.config import TableConfig
+
+    cfg = TableConfig.from_dict(
+        {
+            "max_num_reqs": ROWS,
+            "max_model_len": MAX_LEN,
+            "max_num_batched_tokens": 128,
+            "page_sizes": list(PAGE_SIZES),
+            "num_shards": SHARDS,
+            "backend": "ray",
+            "ray": {
+                "devices_per_shard": 1,
+                "timeout_s": 10,
+                "survivable": True,
+                "detached": True,
+                "name": "surv-attach",
+                "namespace": "spt_survivable_attach",
+            },
+        }
+    )
+    first = sp.ShardedPageTable.from_config(cfg, warmup=False)
+    ref = ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
+    last = first
+    try:
+        fill([first, ref])
+        before = pids(first)
+        first.run_on_shards(kv_marker()[0])
+        second = last = sp.ShardedPageTable.attach(cfg)
+        assert pids(second) == before
+        assert_same(second, ref)
+        step([first], 1)
+        with pytest.raises(sp.FencedError):
+            first.commit(ROWS)
+        victim = 1
+        kill(before[victim])
+        step([second, ref], 2)
+        with pytest.raises(sp.ShardFailedError, match=f"shard {victim}"):
+            second.commit(ROWS)
+        second.recover()
+        check_survivors(second, ref, before, victim)
+        commit_both(second, ref)
+        now = pids(second)
+        second.close(stop_shards=False)
+        third = last = sp.ShardedPageTable.attach(cfg)  # the replacement is in the roster
+        assert pids(third) == now
+        assert_same(third, ref)
+        step([third, ref], 3)
+        commit_both(third, ref)
+    finally:
+        first.close(stop_shards=False)
+        last.close(stop_shards=True)
+    import time
+
+    import ray as _ray
+
+    def named() -> list:
+        return [
+            a
+            for a in _ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "spt_survivable_attach"
+        ]
+
+    deadline = time.monotonic() + 20  # the service, the shards and the spare all went
+    while named() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert named() == []
