@@ -61,3 +61,9 @@ def test_standby_and_detached_do_not_mix():
         RayOptions(standby=True, detached=True)
     with pytest.raises(ConfigError, match="standby"):
         RayOptions(standby="yes")
+
+
+def test_survivable_goes_with_detached_but_not_with_standby():
+    with pytest.raises(ConfigError, match="survivable does not go with ray.standby"):
+        RayOptions(survivable=True, standby=True)
+    assert RayOptions(survivable=True, detached=True).detached  # attach works (test_survivable)
