@@ -64,6 +64,6 @@ def test_standby_and_detached_do_not_mix():
 
 
 def test_survivable_goes_with_detached_but_not_with_standby():
-    with pytest.raises(ConfigError, match="survivable does not go with ray.standby"):
+    with pytest.raises(ConfigError, match=r"survivable does not go with ray\.standby"):
         RayOptions(survivable=True, standby=True)
     assert RayOptions(survivable=True, detached=True).detached  # attach works (test_survivable)

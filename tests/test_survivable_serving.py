@@ -22,7 +22,7 @@ import pytest
 
 import sharded_pagetable as sp
 from sharded_pagetable.serving.runner import AttentionConfig, drop_cache, max_error, serve_step
-from sharded_pagetable.testing.chaos import wait_for_exit
+from sharded_pagetable.testing.chaos import kill_after_send, wait_for_exit
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.multiprocess, pytest.mark.chaos]
@@ -117,6 +117,16 @@ class Scheduler:
 CFG = AttentionConfig("survivable", PAGE_SIZES, SHARDS, POOL)
 
 
+class FixedShard:
+    """An ``rng`` for ``kill_after_send`` that always picks the same shard."""
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+
+    def integers(self, n: int) -> int:
+        return self.shard
+
+
 def serve(t: sp.ShardedPageTable, sch: Scheduler, fn=serve_step) -> int:
     results = t.run_on_shards(fn, CFG, sch.uid.copy(), step=True)
     checked, err = max_error(CFG, results, sch.uid)
@@ -145,7 +155,14 @@ def recover_and_check(t, sch, before, victim, also_lost: set[int]) -> None:
         assert (after[s] == before[s]) == (s != victim), (s, before, after)
     want = live_rows_of(sch, victim) | also_lost
     assert set(t.lost_kv_rows.tolist()) == want
+    assert_devices_match_mirror(t)
     sch.readmit(t.lost_kv_rows)
+
+
+def assert_devices_match_mirror(t: sp.ShardedPageTable) -> None:
+    """What the shards' devices hold is what the mirror published (no pending row ops)."""
+    for g in range(len(PAGE_SIZES)):
+        np.testing.assert_array_equal(t.device_snapshot(g), t[g].get_cpu_tensor())
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +247,33 @@ def test_a_dead_shard_costs_only_its_rows_kv_under_a_model_step(table):
     recover_and_check(t, sch, before, victim, {0 * RPS + 2})
     sch.commit()
     checked += serve(t, sch)
+
+    # 4. Shard 0 dies inside a pipelined commit (sent, not acked) that migrates a row out.
+    sch.migrate(0 * RPS + 0, 1 * RPS + 3)
+    sch.decode()
+    before = pids(t)
+    sched = np.where(sch.uid >= 0, sch.want - sch.done, 0).astype(np.int32)
+    with kill_after_send(t, FixedShard(0)):
+        t.commit(ROWS, num_scheduled_tokens=sched, num_computed_tokens=sch.done, wait=False)
+    with pytest.raises(sp.ShardFailedError):
+        t.wait()
+    # Nothing was published (the move stays pending): the rows lost are the victim's as
+    # last published, the row that was leaving it among them.
+    published = {r for r in range(0, RPS) if sch.uid[r] >= 0} | {0 * RPS + 0}
+    t.recover()
+    after = pids(t)
+    assert [a == b for a, b in zip(before, after, strict=True)] == [False, True, True, True]
+    assert set(t.lost_kv_rows.tolist()) == published
+    # The migrated request's KV died with its source: recompute it in its new row, and the
+    # rest of shard 0's requests in theirs.
+    sch.readmit([r for r in published if r != 0 * RPS + 0] + [1 * RPS + 3])
+    sch.commit()
+    checked += serve(t, sch)
+
     for _ in range(2):  # and it goes on
         sch.decode()
         sch.commit()
         checked += serve(t, sch)
+    assert_devices_match_mirror(t)
     assert checked > 100
-    assert len(t.recoveries) == 3
+    assert len(t.recoveries) == 4
