@@ -34,6 +34,7 @@ from .launch import (
     find_service,
     kill,
     launch,
+    missing_spares,
     replace_shard,
     start_spare,
 )
@@ -150,13 +151,12 @@ class RayBackend:
         if self.options.survivable:  # what replacing one of its shards takes
             self._set = attached_set(
                 self.actors, self.placements, keys, self._pg, self.options, self.actor_name,
-                service, roster["spare"],
+                service, roster["spares"],
             )  # fmt: skip
-            if self._set.spare is None:
-                self._sparing = threading.Thread(
-                    target=self._new_spare, args=(self._set,), daemon=True
-                )
-                self._sparing.start()
+            self._sparing = threading.Thread(
+                target=self._new_spares, args=(self._set,), daemon=True
+            )
+            self._sparing.start()
         self._delivery = EpochDelivery(self.actors, self.placements, keys, self.options)
 
     def _start(self) -> None:
@@ -205,16 +205,18 @@ class RayBackend:
         self.actors, self.placements = shards.actors, shards.placements
         self._delivery = EpochDelivery(self.actors, self.placements, shards.keys, self.options)
         log.warning("replaced shards %s; the others kept their processes", dead)
-        self._sparing = threading.Thread(target=self._new_spare, args=(shards,), daemon=True)
-        self._sparing.start()  # the next warm spare, in the background
+        self._sparing = threading.Thread(target=self._new_spares, args=(shards,), daemon=True)
+        self._sparing.start()  # the next warm spares, in the background
         return dead
 
-    def _new_spare(self, shards: ShardSet) -> None:
-        spare = start_spare(shards, self.options)
-        if spare is not None and shards.spare is None and shards is self._set:
-            shards.spare = spare
-        elif spare is not None:
-            kill([spare])
+    def _new_spares(self, shards: ShardSet) -> None:
+        """A warm spare on every node of ``shards`` that has none (in the background)."""
+        for node in missing_spares(shards):
+            spare = start_spare(shards, self.options, node)
+            if spare is not None and node not in shards.spares and shards is self._set:
+                shards.spares[node] = spare
+            elif spare is not None:
+                kill([spare])
 
     def _join_spare(self) -> None:
         """Wait for a spare still starting (quicker than starting a process from scratch)."""
@@ -396,7 +398,8 @@ class RayBackend:
         actors, self.actors = self.actors, []
         self._join_spare()
         if self._set is not None:
-            actors += [a for a in (self._set.service, self._set.spare) if a is not None]
+            actors += list(self._set.spares.values())
+            actors += [self._set.service] if self._set.service is not None else []
         self._set = None
         kill(actors)
         killed = reap(self.placements)  # a stopped process must not keep its devices
@@ -427,14 +430,14 @@ class RayBackend:
 
     def detach(self) -> None:
         """Forget the actors without stopping them (a detached table outlives this driver,
-        with its warm spare, which the next coordinator adopts)."""
+        with its warm spares, which the next coordinator adopts)."""
         if self._delivery is not None:
             self._delivery.close()
             self._delivery = None
         self._join_spare()
-        spare = None if self._set is None else self._set.spare
-        if spare is not None and not self.options.detached:
-            kill([spare])  # only a detached table's spare is named, for the next coordinator
+        spares = [] if self._set is None else list(self._set.spares.values())
+        if not self.options.detached:
+            kill(spares)  # only a detached table's spares are named, for the next coordinator
         self._set = None
         self.actors = []
         self._pg = None

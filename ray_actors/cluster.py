@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Mapping
 
 import ray
@@ -38,6 +39,19 @@ def process_start_ticks(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22, after the comm field
 
 
+def wait_for_exit(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` (on this machine) is gone; False if it outlived
+    ``timeout_s``. A kill, SIGKILL or ``ray.kill``, is asynchronous."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def reap(placements: list[dict], grace_s: float = 1.0, timeout_s: float = 10.0) -> list[int]:
     """Make sure the shard processes of ``placements`` that run on this node are gone: wait
     ``grace_s`` for them to exit after Ray was told to kill them, then SIGKILL the ones that
@@ -45,7 +59,6 @@ def reap(placements: list[dict], grace_s: float = 1.0, timeout_s: float = 10.0) 
     kill for seconds and keeps its devices), and wait until they are gone. Returns the pids
     that had to be killed."""
     import signal
-    import time
 
     node = ray.get_runtime_context().get_node_id()
     mine = [

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sharded_pagetable.config import RayOptions
 from sharded_pagetable.errors import ShardFailedError
@@ -29,7 +30,8 @@ class ShardSet:
 
     ``job`` says where they sit in it; ``service`` is the actor hosting JAX's coordination
     service when the job is survivable (None: shard 0 hosts it); ``actor_options`` are what
-    a replacement of each shard is created with; ``spare`` a warm spare, if one is ready;
+    a replacement of each shard is created with; ``spares`` the warm spares that are ready,
+    one per node the shards run on (by Ray node id);
     ``kv_secret`` the secret of the shards' KV channel (survivable jobs: model steps move
     KV pages over it instead of a collective).
     """
@@ -41,7 +43,8 @@ class ShardSet:
     job: JobSeat | None = None
     service: Any = None
     actor_options: list[dict[str, Any]] = field(default_factory=list)
-    spare: Any = None  # a started, warmed shard actor that is in no job yet (survivable)
+    # started, warmed shard actors in no job yet (survivable), by the node they run on
+    spares: dict[str, Any] = field(default_factory=dict)
     kv_secret: bytes | None = None
 
 
@@ -97,10 +100,19 @@ def _renamed(opts: dict[str, Any], options: RayOptions, what: str) -> dict[str, 
     return {**opts, "name": f"{options.name}-{what}-{secrets.token_hex(4)}"}
 
 
-def _enlist(shards: ShardSet, shard: int | None, opts: dict[str, Any]) -> None:
-    """Record a named actor in the service's roster (detached survivable tables)."""
-    if shards.service is not None and "name" in opts:
-        ray.get(shards.service.enlist.remote(shard, opts["name"]), timeout=30)
+def _enlist(
+    shards: ShardSet, shard: int | None, opts: dict[str, Any], node: str | None = None
+) -> None:
+    """Record a named actor in the service's roster (detached survivable tables): as shard
+    ``shard``'s, or (``shard`` None) as the spare on ``node`` (``opts`` without a name: that
+    node has none now)."""
+    if _named(shards) and ("name" in opts or node is not None):
+        ray.get(shards.service.enlist.remote(shard, opts.get("name"), node), timeout=30)
+
+
+def _named(shards: ShardSet) -> bool:
+    """A detached survivable table: named actors, listed in the service's roster."""
+    return shards.service is not None and "name" in shards.actor_options[0]
 
 
 def find_service(options: RayOptions) -> tuple[Any, dict[str, Any]]:
@@ -123,11 +135,11 @@ def attached_set(
     options: RayOptions,
     name_of: Callable[[int], str],
     service: Any,
-    spare_name: str | None,
+    spare_names: dict[str, str],
 ) -> ShardSet:
     """The :class:`ShardSet` of a running survivable table found by name (attach): its
     service actor, its job seat and KV secret (asked of a shard), the options a replacement
-    of each shard is created with, and its warm spare if it is still there; raises
+    of each shard is created with, and its warm spares that are still there; raises
     :class:`ShardFailedError` if no shard can say where it sits."""
     seats = per_shard([a.seat.remote() for a in actors], options.timeout_s)
     seat = next((s for s in seats if s is not None and not isinstance(s, BaseException)), None)
@@ -143,13 +155,13 @@ def attached_set(
     shards = ShardSet(
         actors, placements, keys, pg, job, service, actor_options, kv_secret=kv_secret
     )
-    if spare_name is not None:
+    for node, name in spare_names.items():
         try:
-            spare = ray.get_actor(spare_name, namespace=options.namespace)
+            spare = ray.get_actor(name, namespace=options.namespace)
             ray.get(spare.pid.remote(), timeout=10)
-            shards.spare = spare
+            shards.spares[node] = spare
         except Exception as exc:  # gone: the backend starts another
-            log.info("the warm spare %s is gone: %s", spare_name, exc)
+            log.info("the warm spare %s is gone: %s", name, exc)
     return shards
 
 
@@ -218,23 +230,43 @@ def launch(
     for i, opts in enumerate(actor_options):
         _enlist(shards, i, opts)
     if o.survivable:
-        shards.spare = start_spare(shards, o)
+        for node in missing_spares(shards):
+            spare = start_spare(shards, o, node)
+            if spare is not None:
+                shards.spares[node] = spare
     return shards
 
 
-def start_spare(shards: ShardSet, options: RayOptions) -> Any:
-    """A warm spare for ``shards``: a shard actor started and warmed (JAX and the kernels
-    loaded) that joins the job only when it replaces a dead shard; None if it cannot start.
-    Placed like shard 0 without its placement-group bundle: on a cluster it may land on
-    another node than the shard it replaces."""
+def missing_spares(shards: ShardSet) -> list[str]:
+    """Nodes that run a shard of ``shards`` and have no warm spare (sorted)."""
+    nodes = {where.get("node_id") for where in shards.placements} - {None}
+    return sorted(nodes - set(shards.spares))
+
+
+def take_spare(spares: dict[str, Any], node: str | None) -> tuple[str, Any] | None:
+    """``(its node, spare)`` to replace a shard that ran on ``node``: the spare on that
+    node, else the one on the first other node (a node may have died with its shard), else
+    None; removed from ``spares``."""
+    if not spares:
+        return None
+    pick = node if node in spares else sorted(spares)[0]
+    return pick, spares.pop(pick)
+
+
+def start_spare(shards: ShardSet, options: RayOptions, node: str) -> Any:
+    """A warm spare for ``shards`` on ``node``: a shard actor started and warmed (JAX and
+    the kernels loaded) that joins the job only when it replaces a dead shard; None if it
+    cannot start. Placed on the node (softly: elsewhere if the node cannot take it) and
+    outside any placement-group bundle."""
     opts = {k: v for k, v in shards.actor_options[0].items() if k != "scheduling_strategy"}
+    opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
     opts = _renamed(opts, options, "spare")
     try:
         spare = _create(opts, -1, len(shards.actors), options)
         ray.get(spare.warm.remote(), timeout=max(options.timeout_s, 120))
-        _enlist(shards, None, opts)  # a coordinator that attaches adopts it
+        _enlist(shards, None, opts, node)  # a coordinator that attaches adopts it
     except Exception as exc:  # a recovery then starts a process itself
-        log.warning("could not start a warm spare shard: %s", exc)
+        log.warning("could not start a warm spare shard on node %s: %s", node, exc)
         return None
     return spare
 
@@ -243,12 +275,14 @@ def replace_shard(
     shards: ShardSet, shard: int, spec: ShardSpec, mesh_axes: dict[str, int], row_axis: str,
     options: RayOptions,
 ) -> None:  # fmt: skip
-    """Start a new process for ``shard`` of a survivable set (its old one is gone): the warm
-    spare when there is one, else a new actor; it joins the running job under the same
-    process id, with a new channel secret."""
-    actor, shards.spare = shards.spare, None
-    if actor is not None:
-        name = ray.get(actor.name.remote(), timeout=30)  # the spare's own
+    """Start a new process for ``shard`` of a survivable set (its old one is gone): a warm
+    spare when there is one (:func:`take_spare`), else a new actor; it joins the running job
+    under the same process id, with a new channel secret."""
+    taken = take_spare(shards.spares, shards.placements[shard].get("node_id"))
+    if taken is not None:
+        spare_node, actor = taken
+        _enlist(shards, None, {}, spare_node)  # no longer that node's spare
+        name = ray.get(actor.name.remote(), timeout=30) if _named(shards) else None
     else:
         opts = _renamed(shards.actor_options[shard], options, f"shard-{shard}")
         name = opts.get("name")
@@ -267,7 +301,6 @@ def replace_shard(
     shards.actors[shard], shards.placements[shard], shards.keys[shard] = actor, where, key
     if name is not None:
         _enlist(shards, shard, {"name": name})
-        _enlist(shards, None, {"name": None})
 
 
 def _create(opts: dict, shard: int, num_shards: int, o: RayOptions):

@@ -97,17 +97,21 @@ class JaxService:
 
             jax.config.update("jax_num_cpu_devices", 1)
         self._joined = False
-        # Actor names of a detached table's shard processes (and its warm spare): a
+        # Actor names of a detached table's shard processes and warm spares (by node): a
         # replacement gets a name of its own, and a coordinator that attaches asks here.
-        self._roster: dict[str, Any] = {"shards": [], "spare": None}
+        self._roster: dict[str, Any] = {"shards": [], "spares": {}}
 
     def roster(self) -> dict[str, Any]:
         return self._roster
 
-    def enlist(self, shard: int | None, name: str | None) -> None:
-        """Record ``name`` as shard ``shard``'s actor (None: as the warm spare)."""
+    def enlist(self, shard: int | None, name: str | None, node: str | None = None) -> None:
+        """Record ``name`` as shard ``shard``'s actor, or (``shard`` None) as the warm spare
+        on ``node`` (``name`` None: that node has none now)."""
         if shard is None:
-            self._roster["spare"] = name
+            if name is None:
+                self._roster["spares"].pop(node, None)
+            else:
+                self._roster["spares"][node] = name
             return
         names = self._roster["shards"]
         names.extend([None] * (shard + 1 - len(names)))

@@ -202,3 +202,25 @@ def test_table_configs_for_clusters(name):
 def test_scripts_are_executable():
     for name in ("start_head.sh", "start_worker.sh", "stop.sh", "launch_local_cluster.sh"):
         assert os.access(ROOT / "scripts" / name, os.X_OK), name
+
+
+def test_a_replacement_takes_the_spare_on_its_own_node_first():
+    """Warm spares, one per node that runs a shard: a dead shard's replacement is the spare
+    on its node, else another node's (its node may have died with it), else a new process;
+    the nodes left without one are where the next spares start."""
+    pytest.importorskip("ray")
+    from ray_actors.launch import ShardSet, missing_spares, take_spare
+
+    shards = ShardSet(
+        actors=[None] * 3,
+        placements=[{"node_id": "n1"}, {"node_id": "n2"}, {"node_id": "n1"}],
+        keys=[],
+        actor_options=[{}] * 3,
+        spares={"n1": "spare-1", "n2": "spare-2"},
+    )
+    assert missing_spares(shards) == []
+    assert take_spare(shards.spares, "n2") == ("n2", "spare-2")
+    assert missing_spares(shards) == ["n2"]
+    assert take_spare(shards.spares, "n2") == ("n1", "spare-1")  # none left on n2
+    assert take_spare(shards.spares, "n1") is None
+    assert missing_spares(shards) == ["n1", "n2"]

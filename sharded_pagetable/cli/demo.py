@@ -136,7 +136,7 @@ class _Killer:
         import os
         import signal
 
-        from ..testing.chaos import wait_for_exit
+        from ray_actors.cluster import wait_for_exit
 
         if not self.every:
             return len(self.table.recoveries), [], -1

@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 import sharded_pagetable as sp
+from ray_actors.cluster import wait_for_exit
 from sharded_pagetable.serving.workload import ServingWorkload, WorkloadConfig, apply_ops
 
 
@@ -77,19 +77,6 @@ class ChaosReport:
             f"{self.mirror_mismatches}, shard processes replaced {self.shards_replaced}, "
             f"rows whose KV was lost {self.kv_rows_lost}, recovery p50 {p50:.2f}s p99 {p99:.2f}s"
         )
-
-
-def wait_for_exit(pid: int, timeout_s: float) -> bool:
-    """Wait until process ``pid`` (on this machine) is gone; False if it outlived
-    ``timeout_s``. A kill, SIGKILL or ``ray.kill``, is asynchronous."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def _kill(table: sp.ShardedPageTable, rng: np.random.Generator, shard: int | None = None) -> int:
