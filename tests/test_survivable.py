@@ -173,8 +173,9 @@ def test_two_shards_at_once_then_the_same_shard_again(local_ray):
         commit_both(t, ref)
         # The replacement of shard 3 dies too, while an epoch is in flight (pipelined).
         step([t, ref], 2)
-        t.commit(ROWS, wait=False)
-        kill(after[3])
+        with kill_after_send(t, None, shard=3):  # stopped before the epoch goes out
+            t.commit(ROWS, wait=False)
+        assert wait_for_exit(after[3], 20)
         with pytest.raises(sp.ShardFailedError):
             t.wait()
         t.recover()

@@ -117,16 +117,6 @@ class Scheduler:
 CFG = AttentionConfig("survivable", PAGE_SIZES, SHARDS, POOL)
 
 
-class FixedShard:
-    """An ``rng`` for ``kill_after_send`` that always picks the same shard."""
-
-    def __init__(self, shard: int) -> None:
-        self.shard = shard
-
-    def integers(self, n: int) -> int:
-        return self.shard
-
-
 def serve(t: sp.ShardedPageTable, sch: Scheduler, fn=serve_step) -> int:
     results = t.run_on_shards(fn, CFG, sch.uid.copy(), step=True)
     checked, err = max_error(CFG, results, sch.uid)
@@ -253,7 +243,7 @@ def test_a_dead_shard_costs_only_its_rows_kv_under_a_model_step(table):
     sch.decode()
     before = pids(t)
     sched = np.where(sch.uid >= 0, sch.want - sch.done, 0).astype(np.int32)
-    with kill_after_send(t, FixedShard(0)):
+    with kill_after_send(t, None, shard=0):
         t.commit(ROWS, num_scheduled_tokens=sched, num_computed_tokens=sch.done, wait=False)
     with pytest.raises(sp.ShardFailedError):
         t.wait()

@@ -79,29 +79,37 @@ class ChaosReport:
         )
 
 
-def _kill(table: sp.ShardedPageTable, rng: np.random.Generator, shard: int | None = None) -> int:
+def _kill(
+    table: sp.ShardedPageTable, rng: np.random.Generator | None, shard: int | None = None
+) -> int:
     """SIGKILL one shard process (``shard``, or one picked with ``rng``) and wait until it is
-    gone; returns its shard index."""
+    gone; returns its shard index. Raises if the process outlives the kill by 30 s."""
     backend = table._backend
     shard = int(rng.integers(table.num_shards)) if shard is None else shard
     pid = backend.placements[shard]["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for_exit(pid, 10)
+    if not wait_for_exit(pid, 30):
+        raise RuntimeError(f"shard {shard}'s process {pid} outlived SIGKILL by 30 s")
     return shard
 
 
 @contextlib.contextmanager
-def kill_after_send(table: sp.ShardedPageTable, rng: np.random.Generator):
-    """Within the block, the first commit kills a shard once every shard's batch is on its
-    way and before any answer is read (it wraps the backend's ``send`` of this table). The
-    victim is stopped (SIGSTOP) before the batches go out, so it never answers that epoch:
-    the commit always sees it lost, however fast the other shards are."""
+def kill_after_send(
+    table: sp.ShardedPageTable, rng: np.random.Generator | None, shard: int | None = None
+):
+    """Within the block, the first commit kills a shard (``shard``, or one picked with
+    ``rng``) once every shard's batch is on its way and before any answer is read (it wraps
+    the backend's ``send`` of this table). The victim is stopped (SIGSTOP) before the
+    batches go out, so it never answers that epoch: the commit always sees it lost, however
+    fast the other shards are (also a pipelined one, whose ``wait`` then raises)."""
     backend = table._backend
     send = backend.send
 
     def send_then_kill(batches):
+        nonlocal shard
         del backend.send  # back to the class's method: one kill only
-        shard = int(rng.integers(table.num_shards))
+        if shard is None:
+            shard = int(rng.integers(table.num_shards))
         os.kill(backend.placements[shard]["pid"], signal.SIGSTOP)
         send(batches)
         _kill(table, rng, shard)

@@ -149,48 +149,57 @@ class _Soak:
         self.report = ServingChaosReport()
         self.published = np.full(c.max_num_reqs, -1, np.int64)  # request of each row
         self.lost: set[int] = set()  # requests whose KV a recovery reported lost
+        self.killed: set[int] = set()  # pids this soak SIGKILLed
 
     def pids(self) -> list[int]:
         return [w["pid"] for w in self.table._backend.placements]
 
-    def recovered(self, since: int, pids: list[int], victim: int) -> None:
-        """Count what the recoveries since ``since`` did; the rows they report lost are
-        read against the rows as published then."""
+    def kill(self, shard: int | None = None) -> int:
+        """SIGKILL a shard process (``shard``, or one picked at random); returns the shard."""
+        pid_of = {s: p for s, p in enumerate(self.pids())}
+        shard = _kill(self.table, self.rng, shard)
+        self.killed.add(pid_of[shard])
+        return shard
+
+    def recovered(self, since: int, pids: list[int]) -> None:
+        """Count what the recoveries since ``since`` did (``pids``: the shard processes
+        before); the rows they report lost are read against the rows as published then."""
         table, report = self.table, self.report
         if len(table.recoveries) == since:
             return
         report.recovery_s += table.recoveries[since:]
         now = self.pids()
-        changed = [s for s, (a, b) in enumerate(zip(pids, now, strict=True)) if a != b]
-        report.shards_replaced += len(changed)
-        report.survivors_restarted += sum(s != victim for s in changed)
+        replaced = [a for a, b in zip(pids, now, strict=True) if a != b]
+        report.shards_replaced += len(replaced)
+        report.survivors_restarted += sum(p not in self.killed for p in replaced)
         rows = table.lost_kv_rows
         report.kv_rows_lost += int(rows.size)
         self.lost.update(int(u) for u in self.published[rows] if u >= 0)
 
     def commit(self, step: int, st, kill: str | None) -> None:
         table, report = self.table, self.report
-        pids, victim = self.pids(), -1
+        pids = self.pids()
         if kill == "between":
-            victim = _kill(table, self.rng)
+            self.kill()
             report.kills += 1
         before = len(table.recoveries)
         kwargs = {"num_scheduled_tokens": st.scheduled, "num_computed_tokens": st.computed}
         if kill == "commit":
-            with kill_after_send(table, self.rng):
+            shard = int(self.rng.integers(self.c.num_shards))
+            self.killed.add(pids[shard])
+            with kill_after_send(table, None, shard):
                 table.commit(st.num_reqs, **kwargs)
-            victim = next(
-                (s for s, (a, b) in enumerate(zip(pids, self.pids(), strict=True)) if a != b), -1
-            )
             report.kills += 1
             report.kills_in_commit += 1
         else:
             table.commit(st.num_reqs, **kwargs)
         self.replay.commit(st.num_reqs)
-        self.recovered(before, pids, victim)  # against the rows published before this step
+        self.recovered(before, pids)  # against the rows published before this step
         self.published = np.full(self.c.max_num_reqs, -1, np.int64)
         self.published[: st.num_reqs] = st.row_uids
-        _check(table, self.replay, report)
+        pids, before = self.pids(), len(table.recoveries)
+        _check(table, self.replay, report)  # a read may find a dead shard and recover too
+        self.recovered(before, pids)
 
     def serve(self, uids: np.ndarray, kill: bool) -> list:
         table, report = self.table, self.report
@@ -198,7 +207,7 @@ class _Soak:
         if kill:
             victim = int(self.rng.integers(self.c.num_shards))
             fn = _slow_on(pids[victim])
-            killer = threading.Timer(0.3, _kill, args=(table, self.rng, victim))
+            killer = threading.Timer(0.3, self.kill, args=(victim,))
             killer.start()
         results = table.run_on_shards(fn, self.cfg, uids, step=True)
         if kill:
@@ -206,7 +215,7 @@ class _Soak:
             wait_for_exit(pids[victim], 10)
             report.kills += 1
             report.kills_in_step += 1
-        self.recovered(before, pids, victim)
+        self.recovered(before, pids)
         return results
 
     def step(self, step: int, kill: str | None) -> None:
