@@ -77,18 +77,37 @@ class KvPeerServer:
                 self._outbox[(epoch, rnd, target)] = frame
             self._cond.notify_all()
 
+    def _client(self, source: int, reuse: bool) -> tuple[ShardClient, bool]:
+        """A connection to ``source``'s KV channel: the open one when ``reuse`` allows, else
+        a new one; and whether it was reused."""
+        address = tuple(self.peers[source])
+        client = self._clients.get(source)
+        if reuse and client is not None and not client.broken and client.address == address:
+            return client, True
+        if client is not None:
+            client.close()
+        client = self._clients[source] = ShardClient(address, self._secret, 5.0)
+        return client, False
+
     def fetch(self, source: int, key: tuple[int, int], max_bytes: int) -> bytes:
         if source not in self.peers:
             raise ConnectionError(f"no KV channel address for shard {source}")
         deadline = time.monotonic() + self._wait_s + 5.0
-        client = self._clients.get(source)
-        if client is None or client.broken or client.address != tuple(self.peers[source]):
-            if client is not None:
-                client.close()
-            client = ShardClient(tuple(self.peers[source]), self._secret, 5.0)
-            self._clients[source] = client
-        client.send(_REQUEST.pack(key[0], key[1], self.shard))
-        reply = client.recv(deadline, max_bytes + 1)
+        request = _REQUEST.pack(key[0], key[1], self.shard)
+        client, reused = self._client(source, reuse=True)
+        try:
+            client.send(request)
+            reply = client.recv(deadline, max_bytes + 1)
+        except TimeoutError:
+            raise
+        except OSError:
+            if not reused:
+                raise
+            # The open connection went to a process that is gone (its replacement may
+            # listen at the same address): one new connection, then the answer stands.
+            client, _ = self._client(source, reuse=False)
+            client.send(request)
+            reply = client.recv(deadline, max_bytes + 1)
         if reply[:1] != _HAVE:
             raise ConnectionError(f"shard {source} has no KV pages for shard {self.shard} at {key}")
         return reply[1:]

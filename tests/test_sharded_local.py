@@ -156,3 +156,45 @@ def test_corrupted_local_shard_fails_the_next_commit_naming_it():
         assert t.device_snapshot(0)[victim_row, :5].tolist() == [1, 2, 3, 8, 0]
         assert t.device_snapshot(0)[0, :3].tolist() == [5, 9, 0]
         assert {e for e, _ in t.shard_status()} == {2}
+
+
+def test_a_recovery_that_failed_half_way_still_reports_what_it_replaced():
+    """A recovery that gave shard 1 a new (empty) process and then failed (another shard
+    would not take the fence) must not forget it: the next recovery that succeeds re-seeds
+    shard 1 and names its live rows in ``lost_kv_rows``, though by then no shard is dead."""
+    from sharded_pagetable.shard.shard import Shard
+
+    t = sp.ShardedPageTable(32, 256, 128, (16, 32), num_shards=4, warmup=False)
+    try:
+        for s in range(4):
+            t.add_row([[10 * s + 1], [10 * s + 2]], 8 * s)
+        t.add_row([[50], []], 8 + 3)
+        t.commit(32)
+        backend = t._backend
+        attempts = []
+        fence = backend.fence
+
+        def replace_dead():  # shard 1 died once: its replacement holds nothing
+            attempts.append(1)
+            if len(attempts) > 1:
+                return []
+            backend.shards[1] = Shard(backend.specs[1], backend.sharding)
+            backend._arrays.clear()
+            return [1]
+
+        def flaky_fence(generation):  # the first attempt fails after replacing
+            if len(attempts) == 1:
+                return [RuntimeError("shard 2 did not answer")] * 4
+            return fence(generation)
+
+        backend.replace_dead, backend.fence = replace_dead, flaky_fence
+        with pytest.raises(sp.ShardFailedError):
+            t.recover()
+        t.recover()
+        assert len(attempts) == 2
+        assert t.lost_kv_rows.tolist() == [8, 11]  # shard 1's live rows
+        for g in range(2):
+            np.testing.assert_array_equal(t.device_snapshot(g), t[g].get_cpu_tensor())
+        assert {e for e, _ in t.shard_status()} == {t.epoch}
+    finally:
+        t.close()

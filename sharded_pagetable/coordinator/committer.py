@@ -58,6 +58,10 @@ class EpochCommitter:
         self.generation = 0  # this coordinator's (see fence)
         self.expected = [0] * mirror.layout.num_shards  # u64 checksum each shard must report
         self.schedule: Schedule | None = None  # the last confirmed epoch's, if it had one
+        # Shards given new processes, and rows whose KV copies died, by recovery attempts
+        # that have not succeeded yet (reported by the one that does).
+        self._fresh: set[int] = set()
+        self._orphans: set[int] = set()
         self._in_flight: InFlight | None = None
 
     @property
@@ -162,11 +166,15 @@ class EpochCommitter:
         can run at once); the others keep everything, except pending KV copies
         from or into a replaced shard's pool. Returns the shards that got new processes and
         the live rows of other shards whose KV died with them (``i32[k]``: rows a pending or
-        torn KV copy from a replaced pool was to fill); raises if a shard fails again."""
+        torn KV copy from a replaced pool was to fill); raises if a shard fails again.
+
+        What an attempt that failed half-way had already replaced, or found lost, is kept
+        and returned by the next attempt that succeeds: a process started by a failed
+        recovery holds no KV either."""
         try:
-            fresh = backend.replace_dead()
+            self._fresh.update(backend.replace_dead())
+            fresh = sorted(self._fresh)
             self.fence(backend)
-            orphans = np.empty(0, np.int32)
             pools = self.mirror.pool_pages(fresh)
             if pools and len(fresh) < len(self.expected):
                 lost = backend.drop_kv_copies(pools)
@@ -174,8 +182,7 @@ class EpochCommitter:
                     np.unique(np.concatenate([np.asarray(p[g], np.int64) for p in lost if p]))
                     for g in range(len(self.mirror.hosts))
                 ]
-                orphans = self.mirror.rows_holding(pages)
-                orphans = orphans[~np.isin(orphans, self.mirror.live_rows(fresh))]
+                self._orphans.update(self.mirror.rows_holding(pages).tolist())
             held = backend.status()
             stale = sorted(
                 set(fresh)
@@ -191,6 +198,9 @@ class EpochCommitter:
         if failed:
             shard, reason = failed[0]
             raise ShardFailedError(stale[shard], self.epoch, reason)
+        orphans = np.array(sorted(self._orphans), np.int32)
+        orphans = orphans[~np.isin(orphans, self.mirror.live_rows(fresh))]
+        self._fresh, self._orphans = set(), set()
         return fresh, orphans
 
     def holds(self, shard: int) -> tuple[int, int]:
