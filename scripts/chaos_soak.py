@@ -53,6 +53,10 @@ def main() -> int:
 
     start_local(namespace="chaos_soak")
     t0 = time.perf_counter()
+
+    def progress(r) -> None:
+        print(f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True)
+
     try:
         if args.serving:
             report = run_serving_chaos(
@@ -64,9 +68,7 @@ def main() -> int:
                     seed=args.seed,
                     num_shards=max(args.shards, 4),
                 ),
-                progress=lambda r: print(
-                    f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True
-                ),
+                progress=progress,
             )
         else:
             report = run_chaos(
@@ -79,9 +81,7 @@ def main() -> int:
                     standby=args.standby,
                     survivable=args.survivable,
                 ),
-                progress=lambda r: print(
-                    f"\rstep {r.steps}/{args.steps} kills {r.kills}", end="", flush=True
-                ),
+                progress=progress,
             )
     finally:
         ray.shutdown()

@@ -112,6 +112,17 @@ def check_survivors(t, ref, before: list[int], victim: int) -> None:
     assert len(t.recoveries) == 1
 
 
+def kill_then_recover(t, ref, before: list[int], victim: int, k: int) -> None:
+    """Shard ``victim``'s process dies between commits: the next commit (step ``k``) fails
+    naming it, and ``recover()`` replaces it alone."""
+    kill(before[victim])
+    step([t, ref], k)
+    with pytest.raises(sp.ShardFailedError, match=f"shard {victim}"):
+        t.commit(ROWS)
+    t.recover()
+    check_survivors(t, ref, before, victim)
+
+
 def test_a_shard_killed_between_commits_is_replaced_alone(local_ray):
     t = make()
     ref = ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
@@ -119,13 +130,7 @@ def test_a_shard_killed_between_commits_is_replaced_alone(local_ray):
         fill([t, ref])
         before = pids(t)
         assert t.run_on_shards(kv_marker()[0]) == before
-        victim = 2
-        kill(before[victim])
-        step([t, ref], 1)
-        with pytest.raises(sp.ShardFailedError, match=f"shard {victim}"):
-            t.commit(ROWS)
-        t.recover()
-        check_survivors(t, ref, before, victim)
+        kill_then_recover(t, ref, before, victim=2, k=1)
         for g in range(len(PAGE_SIZES)):  # published as before; the step is still pending
             np.testing.assert_array_equal(t.device_snapshot(g), ref.device_array(g))
         commit_both(t, ref)
@@ -276,13 +281,7 @@ def test_a_new_coordinator_attaches_and_replaces_one_shard_alone(local_ray):
         step([first], 1)
         with pytest.raises(sp.FencedError):
             first.commit(ROWS)
-        victim = 1
-        kill(before[victim])
-        step([second, ref], 2)
-        with pytest.raises(sp.ShardFailedError, match=f"shard {victim}"):
-            second.commit(ROWS)
-        second.recover()
-        check_survivors(second, ref, before, victim)
+        kill_then_recover(second, ref, before, victim=1, k=2)
         commit_both(second, ref)
         now = pids(second)
         second.close(stop_shards=False)

@@ -188,29 +188,24 @@ def test_a_dead_shard_costs_only_its_rows_kv_under_a_model_step(table):
         sch.commit()
         checked += serve(t, sch)
 
-    # 1. Shard 1 dies while the KV of a row that left it is still to be copied.
-    sch.migrate(1 * RPS + 0, 2 * RPS + 2)
-    sch.decode()
-    sch.commit()
-    before = pids(t)
-    kill(before[1])
-    with pytest.raises(sp.ShardFailedError):
-        serve(t, sch)
-    recover_and_check(t, sch, before, 1, {2 * RPS + 2})
-    sch.commit()
-    checked += serve(t, sch)
+    def kill_while_migrating(src: int, tgt: int, victim: int, also_lost: set[int]) -> int:
+        """Move ``src`` to ``tgt``, commit, kill ``victim`` before the model step that owes
+        the copy, recover and serve again; returns the tokens checked."""
+        sch.migrate(src, tgt)
+        sch.decode()
+        sch.commit()
+        before = pids(t)
+        kill(before[victim])
+        with pytest.raises(sp.ShardFailedError):
+            serve(t, sch)
+        recover_and_check(t, sch, before, victim, also_lost)
+        sch.commit()
+        return serve(t, sch)
 
+    # 1. Shard 1 dies while the KV of a row that left it is still to be copied.
+    checked += kill_while_migrating(1 * RPS + 0, 2 * RPS + 2, 1, {2 * RPS + 2})
     # 2. Shard 3 dies while a row moving into it waits for its KV.
-    sch.migrate(0 * RPS + 1, 3 * RPS + 3)
-    sch.decode()
-    sch.commit()
-    before = pids(t)
-    kill(before[3])
-    with pytest.raises(sp.ShardFailedError):
-        serve(t, sch)
-    recover_and_check(t, sch, before, 3, set())
-    sch.commit()
-    checked += serve(t, sch)
+    checked += kill_while_migrating(0 * RPS + 1, 3 * RPS + 3, 3, set())
 
     # 3. Shard 2 dies inside the model step that copies a row's KV out of it.
     sch.migrate(2 * RPS + 0, 0 * RPS + 2)

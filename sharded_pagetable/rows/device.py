@@ -55,8 +55,10 @@ def cell_bucket(n: int) -> int:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _scatter_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
-    # buf: i32[B, P] (donated); idx: i32[K], out-of-range entries are padding; rows: i32[K, P]
+def scatter_rows(buf: jax.Array, idx: jax.Array, rows: jax.Array) -> jax.Array:
+    """``buf`` (donated) with ``buf[idx[k]] = rows[k]``; out-of-range ``idx`` entries are
+    padding and write nothing. Any shape: a table block ``i32[B, P]`` with rows ``i32[K,
+    P]``, or a KV block ``[pages, ...]`` with pages ``[K, ...]``."""
     return buf.at[idx].set(rows, mode="drop")
 
 
@@ -181,7 +183,7 @@ class DeviceRows:
                 take[k:] = take[k - 1]  # padding repeats a real row; its index is dropped
                 vals = source.take(take, axis=0)
                 for device in self._replicas[start]:
-                    self._buffers[device] = _scatter_rows(self._buffers[device], idx, vals)
+                    self._buffers[device] = scatter_rows(self._buffers[device], idx, vals)
             dispatches += len(self._replicas[start])
         return dispatches
 

@@ -33,11 +33,10 @@ import jax
 import msgpack
 import numpy as np
 
-from ..shard.kv_copy import check_copies
+from ..rows.device import scatter_rows
+from ..shard.kv_copy import bucket, check_copies
 
 log = logging.getLogger(__name__)
-
-_MIN_BUCKET = 8  # index arrays are padded to 8, 16, 32, ... so few sizes compile
 
 
 class KvTransferError(RuntimeError):
@@ -115,13 +114,6 @@ def split_round(
     return out
 
 
-def _bucket(n: int) -> int:
-    size = _MIN_BUCKET
-    while size < n:
-        size *= 2
-    return size
-
-
 def _trail_key(index: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Which part of a page's trailing axes a device block holds (the same on every pool)."""
     key: list[int] = []
@@ -143,11 +135,6 @@ def _gather(block: jax.Array, idx: jax.Array) -> jax.Array:
     return jax.numpy.take(block, idx, axis=0, mode="clip")
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _scatter(block: jax.Array, idx: jax.Array, pages: jax.Array) -> jax.Array:
-    return block.at[idx].set(pages, mode="drop")  # padding indices are out of range
-
-
 def read_pages(kv: jax.Array, pages: np.ndarray) -> dict[tuple[int, ...], np.ndarray]:
     """Host copies of global ``pages`` (all held by this process) per trailing key."""
     out: dict[tuple[int, ...], np.ndarray] = {}
@@ -155,7 +142,7 @@ def read_pages(kv: jax.Array, pages: np.ndarray) -> dict[tuple[int, ...], np.nda
         pick = (pages >= lo) & (pages < hi)
         if not pick.any():
             continue
-        idx = np.full(_bucket(int(pick.sum())), 0, np.int32)
+        idx = np.full(bucket(int(pick.sum())), 0, np.int32)
         idx[: pick.sum()] = pages[pick] - lo
         got = np.asarray(_gather(block, jax.device_put(idx, block.sharding)))
         if key not in out and pick.all():  # one block holds them all: no second copy
@@ -185,13 +172,13 @@ def write_pages(
             blocks.append(block)
             continue
         idx = np.concatenate(idx_parts)
-        size = _bucket(idx.size)
+        size = bucket(idx.size)
         padded = np.full(size, block.shape[0], np.int32)
         padded[: idx.size] = idx
         pages = np.zeros((size, *block.shape[1:]), block.dtype)
         pages[: idx.size] = np.concatenate(page_parts)
         put = functools.partial(jax.device_put, device=block.sharding)
-        blocks.append(_scatter(block, put(padded), put(pages)))
+        blocks.append(scatter_rows(block, put(padded), put(pages)))
     return jax.make_array_from_single_device_arrays(kv.shape, kv.sharding, blocks)
 
 

@@ -191,22 +191,30 @@ def dense_reference(cfg: AttentionConfig, uid: int, pos: int) -> np.ndarray:
     return np.einsum("hk,khd->hd", weights, v).astype(np.float32)
 
 
-def max_error(
+def token_errors(
     cfg: AttentionConfig, results: list[dict], row_uids: np.ndarray, skip: Collection[int] = ()
-) -> tuple[int, float]:
-    """``(tokens checked, max |shard output - dense reference|)`` over every scheduled token
-    of every group, except those of the requests in ``skip`` (whose KV a recovery reported
-    lost in this step)."""
+) -> np.ndarray:
+    """``f32[T']``: per scheduled token, ``max |shard output - dense reference|`` over every
+    group, except the tokens of the requests in ``skip`` (whose KV a recovery reported lost
+    in this step)."""
     rows, positions, outs = gather_outputs(results)
     live = np.flatnonzero(rows >= 0)
     if skip:
         live = live[~np.isin(row_uids[rows[live]], np.fromiter(skip, np.int64, len(skip)))]
-    worst = 0.0
-    for t in live.tolist():
+    errors = np.zeros(live.size, np.float32)
+    for i, t in enumerate(live.tolist()):
         want = dense_reference(cfg, int(row_uids[rows[t]]), int(positions[t]))
-        for out in outs.values():
-            worst = max(worst, float(np.abs(out[t] - want).max()))
-    return live.size, worst
+        errors[i] = max(float(np.abs(out[t] - want).max()) for out in outs.values())
+    return errors
+
+
+def max_error(
+    cfg: AttentionConfig, results: list[dict], row_uids: np.ndarray, skip: Collection[int] = ()
+) -> tuple[int, float]:
+    """``(tokens checked, max |shard output - dense reference|)`` over every scheduled token
+    of every group, except those of the requests in ``skip`` (see :func:`token_errors`)."""
+    errors = token_errors(cfg, results, row_uids, skip)
+    return errors.size, float(errors.max(initial=0.0))
 
 
 def drop_cache(name: str) -> None:

@@ -129,11 +129,13 @@ class _Plan:
     write: np.ndarray
 
 
-def _bucket(n: int, cap: int) -> int:
+def bucket(n: int, cap: int | None = None) -> int:
+    """``n`` padded up to 8, 16, 32, ... (at most ``cap``), so a new size recompiles only
+    when it crosses a power of two."""
     size = _MIN_BUCKET
     while size < n:
         size *= 2
-    return max(1, min(size, cap))
+    return size if cap is None else max(1, min(size, cap))
 
 
 def _rank(key: np.ndarray) -> np.ndarray:
@@ -156,11 +158,11 @@ def plan_copies(src: np.ndarray, dst: np.ndarray, num_pools: int, pool_pages: in
     kind[shift == 0] = 0
     remote = kind > 0
     slot = _rank(kind * num_pools + src_pool)
-    bucket = _bucket(int(slot[remote].max()) + 1 if remote.any() else 1, pool_pages)
-    send = np.full((num_pools, len(shifts), bucket), pool_pages, dtype=np.int32)
+    sends = bucket(int(slot[remote].max()) + 1 if remote.any() else 1, pool_pages)
+    send = np.full((num_pools, len(shifts), sends), pool_pages, dtype=np.int32)
     send[src_pool[remote], kind[remote] - 1, slot[remote]] = src_loc[remote]
     order = _rank(dst_pool)
-    write = np.full((num_pools, 3, _bucket(int(order.max()) + 1, pool_pages)), pool_pages, np.int32)
+    write = np.full((num_pools, 3, bucket(int(order.max()) + 1, pool_pages)), pool_pages, np.int32)
     write[dst_pool, 0, order] = kind
     write[dst_pool, 1, order] = np.where(remote, slot, src_loc)
     write[dst_pool, 2, order] = dst_loc

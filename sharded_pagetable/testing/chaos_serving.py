@@ -25,15 +25,14 @@ import numpy as np
 import sharded_pagetable as sp
 from sharded_pagetable.serving.runner import (
     AttentionConfig,
-    dense_reference,
     drop_cache,
-    gather_outputs,
     serve_step,
+    token_errors,
 )
 from sharded_pagetable.serving.sharded_workload import ShardedServingWorkload
 from sharded_pagetable.serving.workload import WorkloadConfig, apply_ops
 
-from .chaos import ChaosReport, _kill, kill_after_send, wait_for_exit
+from .chaos import ChaosReport, _check, _kill, kill_after_send, wait_for_exit
 
 
 @dataclass(frozen=True)
@@ -261,24 +260,8 @@ def run_serving_chaos(config: ServingChaosConfig, progress=None) -> ServingChaos
     return soak.report
 
 
-def _check(table: sp.ShardedPageTable, replay: sp.MultiGroupPageTable, report) -> None:
-    if {epoch for epoch, _ in table.shard_status()} != {table.epoch}:
-        report.mixed_epoch_arrays += 1
-    for g in range(len(replay)):
-        want = np.asarray(replay[g].get_device_tensor())
-        report.rows_lost += int((table.device_snapshot(g) != want).any(axis=1).sum())
-        if not np.array_equal(table[g].get_cpu_tensor(), replay[g].get_cpu_tensor()):
-            report.mirror_mismatches += 1
-
-
 def _check_tokens(cfg, results, uids, lost: set[int], report) -> None:
-    rows, positions, outs = gather_outputs(results)
-    for t in np.flatnonzero(rows >= 0).tolist():
-        uid = int(uids[rows[t]])
-        if uid in lost:
-            continue
-        want = dense_reference(cfg, uid, int(positions[t]))
-        err = max(float(np.abs(out[t] - want).max()) for out in outs.values())
-        report.tokens_checked += 1
-        report.worst_error = max(report.worst_error, err)
-        report.tokens_wrong += int(err > 1e-4)
+    errors = token_errors(cfg, results, uids, skip=lost)
+    report.tokens_checked += errors.size
+    report.worst_error = max(report.worst_error, float(errors.max(initial=0.0)))
+    report.tokens_wrong += int((errors > 1e-4).sum())
