@@ -80,6 +80,7 @@ class RayBackend:
         self._delivery: EpochDelivery | None = None  # how commit messages reach the shards
         self._limits = WireLimits.for_layout(specs[0].layout, specs[0].widths)
         self._generation = 0  # the coordinator generation this backend last fenced with
+        self._sent: list[int] = []  # the shards the last send() reached, in its order
         self.started_shards = not attach  # only shards it started does close() stop
         self.actors: list[Any] = []
         self.placements: list[dict[str, Any]] = []
@@ -264,7 +265,7 @@ class RayBackend:
         return results
 
     def send(self, batches: Sequence[ShardBatch]) -> None:
-        """Start delivering one batch per shard (see :class:`EpochDelivery`)."""
+        """Start delivering a batch to each shard it names (see :class:`EpochDelivery`)."""
         messages = [encode(b) for b in batches]
         for b, m in zip(batches, messages, strict=True):
             if len(m) > self._limits.max_bytes:  # never discovered by a shard
@@ -272,13 +273,14 @@ class RayBackend:
                     f"the batch for shard {b.shard} encodes to {len(m)} bytes, over the "
                     f"{self._limits.max_bytes} a shard accepts"
                 )
-        self._delivery.send(messages)
+        self._sent = [b.shard for b in batches]
+        self._delivery.send(messages, self._sent)
 
     def collect(self) -> list[Ack | BaseException]:
-        """Every shard's answer to the last :meth:`send`."""
+        """The answers of the shards the last :meth:`send` reached, in its order."""
         return [
-            r if isinstance(r, BaseException) else self._reply(i, r)
-            for i, r in enumerate(self._delivery.collect())
+            r if isinstance(r, BaseException) else self._reply(s, r)
+            for s, r in zip(self._sent, self._delivery.collect(), strict=True)
         ]
 
     def _reply(self, shard: int, data: bytes) -> Ack | BaseException:

@@ -2,9 +2,11 @@
 
 ``ray.channel`` picks the path: ``socket`` (default: one authenticated stream per shard,
 :mod:`.channel`), ``compiled`` (a Ray compiled graph) or ``actor`` (ordinary actor calls).
-Whatever the path, :meth:`EpochDelivery.send` hands every shard its frame before any reply
-is read, and :meth:`EpochDelivery.collect` returns, per shard, the reply bytes or the
-exception that stands for that shard's failure.
+Whatever the path, :meth:`EpochDelivery.send` hands every shard the epoch touches its frame
+before any reply is read, and :meth:`EpochDelivery.collect` returns, per such shard, the
+reply bytes or the exception that stands for that shard's failure. A shard the epoch does
+not touch is neither written to nor waited on (the compiled graph, which runs every actor,
+is used only for an epoch that touches them all).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _Frames:
     """Frames written to the shards' channels: per shard None, or the error that kept its
     frame from going out (which stands for its reply)."""
 
+    shards: list[int]
     failed: list[BaseException | None]
 
 
@@ -41,6 +44,7 @@ class _GraphRun:
 
     refs: Any  # what the graph's execute() returned: one reference per shard
     messages: Sequence[bytes]
+    shards: list[int]
 
 
 @dataclass(frozen=True)
@@ -85,28 +89,31 @@ class EpochDelivery:
                     raise ShardFailedError(i, -1, f"cannot open the commit channel: {exc}") from exc
                 self._clients.append(client)
 
-    def send(self, messages: Sequence[bytes]) -> None:
-        """Start delivering one message per shard.
+    def send(self, messages: Sequence[bytes], shards: Sequence[int]) -> None:
+        """Start delivering ``messages[i]`` to shard ``shards[i]`` (increasing shards).
 
         Over the socket channel every frame is written before any reply is read, so the
         coordinator's own work overlaps the shards'. Otherwise the messages go through the
-        compiled graph when there is one, else ordinary actor calls.
+        compiled graph when there is one and the epoch reaches every shard, else ordinary
+        actor calls.
         """
+        shards = list(shards)
         if self._clients:
-            self._in_flight = _Frames([self._send_frame(i, m) for i, m in enumerate(messages)])
+            failed = [self._send_frame(s, m) for s, m in zip(shards, messages, strict=True)]
+            self._in_flight = _Frames(shards, failed)
             return
-        graph = self._graph()
+        graph = self._graph() if len(shards) == len(self.actors) else None
         if graph is not None:
             try:
-                self._in_flight = _GraphRun(graph.execute(*messages), messages)
+                self._in_flight = _GraphRun(graph.execute(*messages), messages, shards)
                 return
             except Exception as exc:
                 log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
                 self._teardown_graph(broken=True)
-        self._in_flight = _ActorCalls(self._apply_calls(messages))
+        self._in_flight = _ActorCalls(self._apply_calls(messages, shards))
 
-    def _apply_calls(self, messages: Sequence[bytes]) -> list[Any]:
-        return [a.apply.remote(m) for a, m in zip(self.actors, messages, strict=True)]
+    def _apply_calls(self, messages: Sequence[bytes], shards: Sequence[int]) -> list[Any]:
+        return [self.actors[s].apply.remote(m) for s, m in zip(shards, messages, strict=True)]
 
     def _send_frame(self, i: int, message: bytes) -> BaseException | None:
         client = self._clients[i]
@@ -119,14 +126,14 @@ class EpochDelivery:
         return None
 
     def collect(self) -> list[bytes | BaseException]:
-        """Every shard's reply to the last :meth:`send`. Any trouble on the compiled graph
+        """The reply of every shard the last :meth:`send` reached, in its order. Any trouble on the compiled graph
         tears it down and re-sends over actor calls, which tells the shards apart (a shard
         that already applied the epoch acknowledges the re-send only)."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
             raise RuntimeError("collect() has no send() to answer")
         if isinstance(in_flight, _Frames):
-            return self._collect_channel(in_flight.failed)
+            return self._collect_channel(in_flight.shards, in_flight.failed)
         refs = in_flight.refs
         if isinstance(in_flight, _GraphRun):
             try:
@@ -134,13 +141,16 @@ class EpochDelivery:
             except Exception as exc:
                 log.warning("compiled graph failed (%s); re-sending with actor calls", exc)
                 self._teardown_graph(broken=True)
-                refs = self._apply_calls(in_flight.messages)
+                refs = self._apply_calls(in_flight.messages, in_flight.shards)
         return per_shard(refs, self.options.timeout_s)
 
-    def _collect_channel(self, sent: list[BaseException | None]) -> list[bytes | BaseException]:
+    def _collect_channel(
+        self, shards: list[int], sent: list[BaseException | None]
+    ) -> list[bytes | BaseException]:
         deadline = time.monotonic() + self.options.timeout_s
         out: list[bytes | BaseException] = []
-        for i, (client, failed) in enumerate(zip(self._clients, sent, strict=True)):
+        for i, failed in zip(shards, sent, strict=True):
+            client = self._clients[i]
             if failed is not None:
                 out.append(failed)
                 continue

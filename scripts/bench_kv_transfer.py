@@ -63,7 +63,7 @@ def copy_step(arrays, step, name: str, num_pages: int):
         for plan in rounds[0]:
             kv = apply_kv_copies(kv, plan)
     else:
-        (kv,), torn = kv_transfer.move_kv_pages([kv], rounds, [pool], step.epoch, peer)
+        (kv,), torn = kv_transfer.move_kv_pages([kv], rounds, [pool], step.copies_epoch, peer)
         assert not torn[0].size
     kv.block_until_ready()
     seconds = time.perf_counter() - t0

@@ -201,7 +201,12 @@ def test_a_batch_with_every_optional_part_round_trips_the_wire(table):
     plan = table.stage(ROWS, sched, np.zeros(ROWS, np.int64))  # what commit would send
     batches, plans, schedule = plan.batches, plan.kv_copies, plan.schedule
     epoch = EpochId(5, 4, 2**63 + 5)
-    messages = shard_messages(epoch, batches, plan.cuts, table.layout.bounds, schedule, plans)
+    every = np.arange(table.num_shards)
+    bases = np.full(table.num_shards, 4)
+    messages = shard_messages(
+        epoch, batches, plan.cuts, table.layout.bounds, schedule, plans, every, bases
+    )
+    assert [m.shard for m in messages] == every.tolist()  # KV copies reach every shard
     limits = WireLimits(RPS, table.widths)
     for m in messages:
         back = decode(encode(m), limits)

@@ -56,12 +56,15 @@ def model() -> ReferenceModel:
     return ReferenceModel.for_multigroup(ROWS, MAX_LEN, PAGE_SIZES)
 
 
-def append_page_message(epoch: int, held: int, page: int, generation: int) -> bytes:
+def append_page_message(
+    epoch: int, held: int, page: int, generation: int, touched: int = 2
+) -> bytes:
     """Shard 0's wire message for ``epoch + 1`` from coordinator ``generation``: append
-    ``page`` to its local row 0 (holding ``held`` pages) in group 0, nothing in group 1."""
+    ``page`` to its local row 0 (holding ``held`` pages) in group 0, nothing in group 1; the
+    epoch was sent to ``touched`` shards."""
     append = GroupBatch(*(np.array([v], np.int32) for v in (OP_APPEND, 0, held, held + 1, page)))
     empty = GroupBatch(*(np.empty(0, np.int32) for _ in range(5)))
-    return encode(ShardBatch(epoch + 1, epoch, 0, (append, empty), generation))
+    return encode(ShardBatch(epoch + 1, epoch, 0, (append, empty), generation, touched=touched))
 
 
 def assert_published(table: sp.ShardedPageTable, ref: ReferenceModel) -> None:
@@ -89,10 +92,11 @@ def test_dead_shard_with_manual_recover(local_ray):
             for tab in (t, ref):
                 apply_ops(tab, step.ops)
                 tab.commit(step.num_reqs)
-        os.kill(t._backend.placements[1]["pid"], signal.SIGKILL)
         step = wl.step()
         apply_ops(t, step.ops)
         apply_ops(ref, step.ops)
+        victim = t.stage(step.num_reqs).messages[-1].shard  # one the commit reaches
+        os.kill(t._backend.placements[victim]["pid"], signal.SIGKILL)
         with pytest.raises(sp.ShardFailedError, match=r"shard \d") as info:
             t.commit(step.num_reqs)
         assert info.value.epoch == t.epoch + 1
@@ -103,7 +107,7 @@ def test_dead_shard_with_manual_recover(local_ray):
         # Recovered at the last published epoch; the pending step is still pending.
         for g in range(len(PAGE_SIZES)):
             np.testing.assert_array_equal(t.device_snapshot(g), ref.device_array(g))
-        assert {e for e, _ in t.shard_status()} == {t.epoch}
+        assert t.shard_status()[victim][0] == t.epoch
         t.commit(step.num_reqs)
         ref.commit(step.num_reqs)
         assert_same(t, ref)
@@ -157,6 +161,38 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
         assert attached.commit(ROWS).epoch == epoch + 1
         ref.commit(ROWS)
         assert_same(attached, ref)
+    finally:
+        attached.close(stop_shards=True)
+
+
+def test_attach_keeps_a_finished_epoch_that_reached_one_shard(local_ray):
+    """The old coordinator's last epoch reached shard 0 alone (only its rows changed) and
+    shard 0 applied it: the new coordinator keeps it, with shard 1 at its older epoch."""
+    cfg = config("one-shard", detached=True)
+    t = sp.ShardedPageTable.from_config(cfg)
+    ref = model()
+    for tab in (t, ref):
+        tab.add_row([[5, 6, 7], [8]], 0)
+        tab.add_row([[9], [10, 11]], 20)
+        tab.commit(ROWS)
+    epoch = t.epoch
+    message = append_page_message(epoch, held=3, page=99, generation=t.generation, touched=1)
+    assert ray.get(t._backend.actors[0].apply.remote(message), timeout=30)
+    ref.append_row([[99], []], 0)
+    ref.commit(ROWS)
+    t._backend.detach()  # the old coordinator died before it read the ack
+    del t
+    attached = sp.ShardedPageTable.attach(cfg)
+    try:
+        assert attached.epoch == epoch + 1
+        assert [e for e, _ in attached.shard_status()] == [epoch + 1, epoch]
+        assert_published(attached, ref)
+        for tab in (attached, ref):
+            tab.append_row([[12], [13]], 20)
+        assert [r.shard for r in attached.commit(ROWS).shards] == [1]
+        ref.commit(ROWS)
+        assert_same(attached, ref)
+        assert [e for e, _ in attached.shard_status()] == [epoch + 1, epoch + 2]
     finally:
         attached.close(stop_shards=True)
 

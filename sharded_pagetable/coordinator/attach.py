@@ -3,7 +3,9 @@
 A take-over has one point of no return, the fence. Everything before it only reads: the
 shards' status and a full-state export of each at the generation it obeys, checked for
 consistency. Anything that fails there raises and changes nothing, so the previous
-coordinator stays in charge. From the fence on, the new coordinator owns the shards and
+coordinator stays in charge. Shards may hold different epochs (a commit reaches only the
+shards it touches); the newest epoch is settled by how many shards it was sent to
+(``ShardBatch.touched``): if fewer hold it, its holders step back. From the fence on, the new coordinator owns the shards and
 completes the take-over whatever happens: a shard that dies after its read is rebuilt from
 that read (the table is returned fail-closed, and ``recover()``, or the first call with
 ``recover="auto"``, restarts it). The one case it cannot complete is a shard lost after
@@ -27,18 +29,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TakeOver:
-    """What an attach leaves the new coordinator: its generation, the settled epoch, each
-    shard's checksum, and the shard lost on the way (None if every shard came through)."""
+    """What an attach leaves the new coordinator: its generation, the table's epoch (the
+    newest any shard holds), the epoch each shard holds, each shard's checksum, and the
+    shard lost on the way (None if every shard came through)."""
 
     generation: int
     epoch: int
+    held: list[int]
     expected: list[int]
     lost: ShardFailedError | None
 
 
 def read_shards(backend: Backend) -> tuple[list[Ack], list[ShardBatch | None]]:
     """Every shard's status and full state, read at the generation it obeys (changes
-    nothing; raises if any shard cannot be read or the shards cannot be settled)."""
+    nothing; raises if any shard cannot be read)."""
     status = backend.status()
     states = backend.export([a.generation for a in status])
     for s, state in enumerate(states):
@@ -47,17 +51,23 @@ def read_shards(backend: Backend) -> tuple[list[Ack], list[ShardBatch | None]]:
                 raise state
             raise ShardFailedError(s, -1, f"{type(state).__name__}: {state}", during="attaching")
         _check_state(s, state, before_epoch(state))
-    epochs = [before_epoch(state) for state in states]
-    if max(epochs) - min(epochs) > 1:
-        raise RuntimeError(f"shards hold epochs {epochs}: more than one epoch apart, cannot settle")
     return status, states
 
 
+def unfinished(holders: list[ShardBatch | None]) -> bool:
+    """Whether the newest epoch, held as ``holders``, was left unfinished: fewer shards
+    hold it than it was sent to. (An epoch only ever follows a confirmed one, so only the
+    newest can be unfinished; a holder rebuilt at it by a recovery says nothing, and the
+    epoch was confirmed.)"""
+    said = [0 if h is None else h.touched for h in holders]
+    return min(said) > 0 and len(holders) < max(said)
+
+
 def take_over(backend: Backend, mirror: Mirror) -> TakeOver:
-    """Fence every shard with a new generation, settle them on the newest epoch every one of
-    them can present (shards one epoch ahead, from a commit the old coordinator never
-    finished, step back) and load their rows into the empty ``mirror`` as published.
-    """
+    """Fence every shard with a new generation, settle them (when fewer shards hold the
+    newest epoch than it was sent to, a commit the old coordinator never finished, those
+    shards step back) and load their rows into the empty ``mirror`` as published. Shards
+    may hold different epochs: a commit reaches only the shards it touches."""
     status, before = read_shards(backend)
     generation = new_generation(max(a.generation for a in status))
     acks = backend.fence(generation)  # the point of no return
@@ -66,14 +76,6 @@ def take_over(backend: Backend, mirror: Mirror) -> TakeOver:
             raise FencedError(generation, res.holder)  # an even newer coordinator holds them
     lost: dict[int, str] = {}
     live = {s: a for s, a in enumerate(acks) if not _lost(s, a, lost)}
-    epochs = [live[s].epoch if s in live else before_epoch(before[s]) for s in range(len(acks))]
-    target = min(epochs)
-    ahead = [s for s in live if live[s].epoch == target + 1]
-    if ahead:
-        for s, res in zip(ahead, backend.rollback(ahead, target + 1, generation), strict=True):
-            if not _lost(s, res, lost):
-                live[s] = res
-        log.warning("shards %s stepped back to epoch %d to settle", ahead, target)
     states = list(before)
     exported = backend.export([generation] * len(acks))
     for s in list(live):
@@ -81,14 +83,34 @@ def take_over(backend: Backend, mirror: Mirror) -> TakeOver:
             del live[s]
         else:
             states[s] = exported[s]
-    for s, state in enumerate(states):
-        held = live[s].epoch if s in live else before_epoch(state)
-        if held != target:
+    held = [before_epoch(state) for state in states]
+    top = max(held)
+    holders = [s for s in range(len(held)) if held[s] == top]
+    if top and unfinished([states[s] for s in holders]):
+        back = [s for s in holders if s in live]
+        if len(back) < len(holders):
             raise RuntimeError(
-                f"shard {s} holds epoch {held}, not the settled epoch {target}"
-                + (f" (it was lost during the attach: {lost[s]})" if s in lost else "")
+                f"epoch {top} was left unfinished and shards {sorted(set(holders) - set(back))} "
+                "that hold it were lost during the attach: they cannot step back"
             )
-        _check_state(s, state, target)
+        for s, res in zip(back, backend.rollback(back, top, generation), strict=True):
+            if not _lost(s, res, lost):
+                live[s] = res
+        again = backend.export([generation] * len(acks))
+        for s in back:
+            if s in live and not _lost(s, again[s], lost):
+                states[s] = again[s]
+                held[s] = before_epoch(again[s])
+            else:
+                live.pop(s, None)
+                raise RuntimeError(f"shard {s} was lost while stepping back from epoch {top}")
+        log.warning("shards %s stepped back from the unfinished epoch %d", back, top)
+    for s, state in enumerate(states):
+        if s in live and live[s].epoch != held[s]:
+            raise RuntimeError(
+                f"shard {s} holds epoch {live[s].epoch}, but exported its rows at {held[s]}"
+            )
+        _check_state(s, state, held[s])
         if state is not None:
             mirror.load(s, state)
     expected = mirror.shard_sums()
@@ -101,9 +123,9 @@ def take_over(backend: Backend, mirror: Mirror) -> TakeOver:
     error = None
     if lost:
         shard = min(lost)
-        error = ShardFailedError(shard, target, lost[shard], during="attaching")
+        error = ShardFailedError(shard, max(held), lost[shard], during="attaching")
         log.warning("attach took the table over without shards %s: %s", sorted(lost), error)
-    return TakeOver(generation, target, expected, error)
+    return TakeOver(generation, max(held), held, expected, error)
 
 
 def before_epoch(state: ShardBatch | None) -> int:

@@ -28,10 +28,11 @@ class Backend(Protocol):
     started_shards: bool  # whether this backend started its shards (and so may stop them)
 
     def send(self, batches: Sequence[ShardBatch]) -> None:
-        """Start delivering one epoch: one batch per shard, in shard order."""
+        """Start delivering one epoch to the shards it touches: one batch each, to shard
+        ``batch.shard``, in increasing shard order (the other shards get nothing)."""
 
     def collect(self) -> list[Result]:
-        """Every shard's answer to the batches of the last :meth:`send`."""
+        """The answers to the batches of the last :meth:`send`, in their order."""
 
     def fence(self, generation: int) -> list[Result]:
         """Make every shard obey coordinator ``generation`` (and refuse older ones)."""

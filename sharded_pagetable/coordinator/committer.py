@@ -4,9 +4,11 @@ The committer owns the epoch state: the last confirmed epoch, this coordinator's
 generation, the checksum every shard must report, and the epoch in flight. A commit stages
 an epoch from the mirror, checks it against what a shard accepts, sends it and takes it as
 published in the mirror at once (so the scheduler may change rows for the next step while
-the shards apply this one). :meth:`EpochCommitter.settle` collects every shard's answer;
-if any failed, the shards that applied step back, the mirror steps back too (keeping every
-change made since) and the failure is raised. At most one epoch is in flight: the next
+the shards apply this one). Only the shards the epoch touches are sent a message and waited
+on (:func:`~.epochs.touched_shards`); the others keep the epoch they hold, which the
+committer tracks per shard. :meth:`EpochCommitter.settle` collects the touched shards'
+answers; if any failed, the shards that applied step back, the mirror steps back too
+(keeping every change made since) and the failure is raised. At most one epoch is in flight: the next
 commit, every read, ``recover()`` and ``close()`` settle it first; row operations do not
 (they only change the mirror).
 """
@@ -37,6 +39,7 @@ class InFlight:
     published: Published
     started: float  # perf_counter() when the commit began
     schedule: Schedule | None  # the epoch's step schedule (all rows), if it carried one
+    touched: np.ndarray  # i64[k] the shards it was sent to, in send order
 
 
 class EpochCommitter:
@@ -54,10 +57,14 @@ class EpochCommitter:
         self.mirror = mirror
         self.wire_limits = wire_limits
         self.metrics = metrics
+        shards = mirror.layout.num_shards
         self.epoch = 0  # the last confirmed epoch
         self.generation = 0  # this coordinator's (see fence)
-        self.expected = [0] * mirror.layout.num_shards  # u64 checksum each shard must report
-        self.schedule: Schedule | None = None  # the last confirmed epoch's, if it had one
+        self.expected = [0] * shards  # u64 checksum each shard must report
+        self.held = np.zeros(shards, np.int64)  # the epoch each shard holds (<= self.epoch)
+        # The step schedule every shard holds (all rows: a shard an epoch did not touch held
+        # that epoch's part already), or None.
+        self.schedule: Schedule | None = None
         # Shards given new processes, and rows whose KV copies died, by recovery attempts
         # that have not succeeded yet (reported by the one that does).
         self._fresh: set[int] = set()
@@ -71,7 +78,7 @@ class EpochCommitter:
     def stage(self, num_reqs: int, schedule: Schedule | None) -> EpochPlan | None:
         """The next epoch as the mirror stages it (None if nothing would change)."""
         epoch = EpochId(self.epoch + 1, self.epoch, self.generation)
-        return self.mirror.stage(epoch, num_reqs, schedule)
+        return self.mirror.stage(epoch, num_reqs, schedule, self.held, self.schedule)
 
     def check_current(self, plan: EpochPlan) -> None:
         """Refuse a plan staged before a later commit, recovery or row change."""
@@ -98,27 +105,27 @@ class EpochCommitter:
         # While the shards apply: what each shard must report, and the mirror's new state.
         published = self.mirror.publish(plan, self.expected)
         receipts = tuple(
-            ShardReceipt(s, m.rows, m.nbytes, published.expected[s])
-            for s, m in enumerate(plan.messages)
+            ShardReceipt(m.shard, m.rows, m.nbytes, published.expected[m.shard])
+            for m in plan.messages
         )
         receipt = CommitReceipt(
             plan.id.epoch, num_reqs, True, receipts, plan.kv_copies, confirmed=False
         )
-        self._in_flight = InFlight(receipt, published, started, plan.schedule)
+        self._in_flight = InFlight(receipt, published, started, plan.schedule, plan.touched)
         if self.metrics is not None:
             self.metrics.sent(receipt)
         return receipt
 
     def settle(self, backend: Backend) -> CommitReceipt | None:
-        """Confirm the epoch in flight (None if there is none), or step everything back and
-        raise :class:`ShardFailedError` / :class:`FencedError`."""
+        """Confirm the epoch in flight (None if there is none) with the shards it touched, or
+        step everything back and raise :class:`ShardFailedError` / :class:`FencedError`."""
         flight, self._in_flight = self._in_flight, None
         if flight is None:
             return None
         epoch = flight.receipt.epoch
         try:
             acks = backend.collect()
-            self._confirm(backend, acks, flight.published.expected, epoch)
+            self._confirm(backend, acks, flight.touched, flight.published.expected, epoch)
         except BaseException:
             self.mirror.unpublish(flight.published)
             if self.metrics is not None:
@@ -126,19 +133,33 @@ class EpochCommitter:
             raise
         self.expected = flight.published.expected
         self.epoch = epoch
+        self.held[flight.touched] = epoch
         self.schedule = flight.schedule
         if self.metrics is not None:
             self.metrics.confirmed(epoch, time.perf_counter() - flight.started, acks)
         return flight.receipt.confirm([a.apply_us for a in acks])
 
-    def _confirm(self, backend: Backend, results: list[Result], expected: list[int], epoch: int):
-        """Raise (after rolling back every shard that applied) unless every shard confirmed
-        ``epoch`` with the checksum expected of it."""
-        failed = failures(results, expected, epoch, "acked")
+    def _confirm(
+        self,
+        backend: Backend,
+        results: list[Result],
+        shards: np.ndarray,
+        expected: list[int],
+        epoch: int,
+    ) -> None:
+        """Raise (after rolling back every shard that applied) unless every one of
+        ``shards`` (whose answers ``results`` are) confirmed ``epoch`` with the checksum
+        expected of it."""
+        shards = shards.tolist()
+        failed = failures(results, shards, expected, epoch, "acked")
         if not failed:
             return
         self.check_fenced(results)
-        applied = [s for s, r in enumerate(results) if isinstance(r, Ack) and r.epoch == epoch]
+        applied = [
+            s
+            for s, r in zip(shards, results, strict=True)
+            if isinstance(r, Ack) and r.epoch == epoch
+        ]
         if applied:
             self.check_fenced(backend.rollback(applied, epoch, self.generation))
         shard, reason = failed[0]
@@ -194,15 +215,17 @@ class EpochCommitter:
             raise
         except Exception as exc:
             raise ShardFailedError(-1, self.epoch, f"restart failed: {exc}") from exc
-        failed = failures(results, [self.expected[s] for s in stale], self.epoch, "re-seeded to")
+        failed = failures(results, stale, self.expected, self.epoch, "re-seeded to")
         if failed:
             shard, reason = failed[0]
-            raise ShardFailedError(stale[shard], self.epoch, reason)
+            raise ShardFailedError(shard, self.epoch, reason)
+        self.held[stale] = self.epoch
         orphans = np.array(sorted(self._orphans), np.int32)
         orphans = orphans[~np.isin(orphans, self.mirror.live_rows(fresh))]
         self._fresh, self._orphans = set(), set()
         return fresh, orphans
 
     def holds(self, shard: int) -> tuple[int, int]:
-        """``(epoch, checksum)`` shard ``shard`` must report."""
-        return self.epoch, self.expected[shard]
+        """``(epoch, checksum)`` shard ``shard`` must report: the epoch that last touched it
+        (or rebuilt it), which may be older than the table's."""
+        return int(self.held[shard]), self.expected[shard]

@@ -173,6 +173,7 @@ class ShardedPageTable:
                 taken = take_over(backend, self._mirror)
                 committer.generation, committer.epoch = taken.generation, taken.epoch
                 committer.expected = taken.expected
+                committer.held[:] = taken.held
                 self._health.failed = taken.lost
             else:  # a generation above every one the shards obeyed
                 committer.generation = new_generation(max(a.generation for a in backend.status()))

@@ -33,12 +33,13 @@ class EpochId:
 
 @dataclass(frozen=True, eq=False)
 class EpochPlan:
-    """One staged epoch: what every shard is sent, and what the mirror publishes.
+    """One staged epoch: what the shards it touches are sent, and what the mirror publishes.
 
     ``batches`` are the changed rows of each group over global rows, ``cuts`` where the
     shards' bounds fall among them (found once, for the split and the checksums alike),
-    ``schedule`` the step's token counts of every row (or None), ``messages`` one batch
-    per shard, ``kv_copies`` each group's whole copy plan.
+    ``schedule`` the step's token counts of every row (or None), ``touched`` the shards the
+    epoch reaches (``i64[k]``, sorted: see :func:`touched_shards`), ``messages`` one batch per
+    touched shard in that order, ``kv_copies`` each group's whole copy plan.
     """
 
     id: EpochId
@@ -46,9 +47,35 @@ class EpochPlan:
     batches: tuple[GroupBatch, ...]
     cuts: tuple[np.ndarray, ...]
     schedule: Schedule | None
+    touched: np.ndarray
     messages: tuple[ShardBatch, ...]
     kv_copies: tuple[np.ndarray, ...]
     versions: tuple[int, ...]  # each group's cpu_version when staged: a later change voids it
+
+
+def touched_shards(
+    cuts: Sequence[np.ndarray],
+    schedule: Schedule | None,
+    held: Schedule | None,
+    kv_copies: Sequence[np.ndarray],
+    num_shards: int,
+) -> np.ndarray:
+    """``i64[k]`` sorted shards an epoch must reach: those with a changed row in any group
+    (``cuts``: each group's batch cut at the shard bounds), those whose part of the step
+    ``schedule`` differs from the part they hold (``held``: the schedule every shard holds
+    now, None if none), and, when the epoch carries KV copies, every shard (the copies are
+    one plan every process of the model step takes part in).
+
+    A shard left out holds exactly what the epoch would give it, so it keeps its epoch."""
+    if any(plan.size for plan in kv_copies) or (schedule is None) != (held is None):
+        return np.arange(num_shards, dtype=np.int64)
+    hit = np.zeros(num_shards, bool)
+    for cut in cuts:
+        hit |= cut[1:] != cut[:-1]
+    if schedule is not None:
+        differs = (schedule.sched != held.sched) | (schedule.done != held.done)
+        hit |= differs.reshape(num_shards, -1).any(axis=1)
+    return np.flatnonzero(hit)
 
 
 def shard_messages(
@@ -58,34 +85,46 @@ def shard_messages(
     bounds: np.ndarray,
     schedule: Schedule | None,
     kv_copies: tuple[np.ndarray, ...],
+    touched: np.ndarray,
+    bases: np.ndarray,
 ) -> tuple[ShardBatch, ...]:
-    """One epoch's batch for every shard: its rows of every group's batch (renumbered
-    locally), its rows' slice of the step schedule, and the whole KV copy plan."""
-    pieces = [b.split(bounds, cut) for b, cut in zip(batches, cuts, strict=True)]  # [g][s]
+    """One epoch's batch for every ``touched`` shard: its rows of every group's batch
+    (renumbered locally), its rows' slice of the step schedule, and the whole KV copy plan,
+    built on the epoch the shard holds (``bases[s]``)."""
+    shards = touched.tolist()
+    pieces = [b.pieces(bounds, cut, shards) for b, cut in zip(batches, cuts, strict=True)]
+    count = len(shards)
     out = []
-    for s in range(len(bounds) - 1):
+    for i, s in enumerate(shards):
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         part = None if schedule is None else Schedule(schedule.sched[lo:hi], schedule.done[lo:hi])
-        groups = tuple(p[s] for p in pieces)
+        groups = tuple(p[i] for p in pieces)
+        base = int(bases[s])
         out.append(
-            ShardBatch(epoch.epoch, epoch.base, s, groups, epoch.generation, part, kv_copies)
+            ShardBatch(epoch.epoch, base, s, groups, epoch.generation, part, kv_copies, count)
         )
     return tuple(out)
 
 
 def expected_after(
-    expected: Sequence[int], cuts: Sequence[np.ndarray], deltas: Sequence[np.ndarray]
+    expected: Sequence[int],
+    cuts: Sequence[np.ndarray],
+    deltas: Sequence[np.ndarray],
+    touched: np.ndarray,
 ) -> list[int]:
     """Each shard's checksum once an epoch is applied, from ``expected`` and every changed
     row's checksum change ``deltas`` (``HostRows.terms_after``), per group, split by shard at
-    ``cuts`` (:attr:`EpochPlan.cuts`)."""
+    ``cuts`` (:attr:`EpochPlan.cuts`); only the ``touched`` shards' can change."""
     out = list(expected)
+    shards = touched.tolist()
     for cut, delta in zip(cuts, deltas, strict=True):
+        if not delta.size:
+            continue
         running = np.zeros(delta.size + 1, np.uint64)
         np.cumsum(delta, dtype=np.uint64, out=running[1:])
-        cut = cut.tolist()
-        for s in range(len(out)):
-            out[s] = checksum.add(out[s], int(running[cut[s + 1]]) - int(running[cut[s]]))
+        per_shard = np.diff(running[cut])  # u64 differences wrap, as the checksum does
+        for s in shards:
+            out[s] = checksum.add(out[s], int(per_shard[s]))
     return out
 
 
@@ -156,15 +195,21 @@ def shard_sums(hosts: Sequence[HostRows], layout: ShardLayout) -> list[int]:
 
 
 def failures(
-    results: Sequence[Result], expected: Sequence[int], epoch: int, verb: str
+    results: Sequence[Result],
+    shards: Sequence[int],
+    expected: Sequence[int],
+    epochs: Sequence[int] | int,
+    verb: str,
 ) -> list[tuple[int, str]]:
-    """``(shard, reason)`` of every result that is not ``(epoch, expected)``.
+    """``(shard, reason)`` of every result (of ``shards[i]``) that is not ``(epochs[i],
+    expected[shards[i]])`` (``epochs``: one for all, or one per result).
 
     A refusal counts as much as a dead shard: the coordinator sent what its mirror says the
     shard holds, so a shard that refuses it holds something else (another epoch's content,
     rows the mirror does not know) and must be rebuilt before the table can go on."""
     out = []
-    for s, res in enumerate(results):
+    for i, (s, res) in enumerate(zip(shards, results, strict=True)):
+        epoch = epochs if isinstance(epochs, int) else epochs[i]
         if isinstance(res, BaseException):
             out.append((s, f"{type(res).__name__}: {res}"))
         elif res.epoch != epoch or res.checksum != expected[s]:

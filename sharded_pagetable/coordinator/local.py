@@ -54,7 +54,7 @@ class LocalBackend:
 
     def send(self, batches: Sequence[ShardBatch]) -> None:
         self._arrays.clear()
-        self._results = [_call(s.apply, b) for s, b in zip(self.shards, batches, strict=True)]
+        self._results = [_call(self.shards[b.shard].apply, b) for b in batches]
 
     def collect(self) -> list[Result]:
         results, self._results = self._results, []

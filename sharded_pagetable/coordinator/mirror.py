@@ -29,6 +29,7 @@ from .epochs import (
     published_states,
     shard_messages,
     shard_sums,
+    touched_shards,
 )
 from .pooled import PooledRowOps
 from .start import step_config
@@ -96,19 +97,32 @@ class Mirror(PooledRowOps):
 
     # -- epochs --------------------------------------------------------------------------
 
-    def stage(self, epoch: EpochId, num_reqs: int, schedule: Schedule | None) -> EpochPlan | None:
-        """Rows below ``num_reqs`` changed since they were published, as epoch ``epoch``:
-        one batch per shard, split once, with the step's schedule and the KV copy plans;
-        None when nothing would change (no row and no schedule). Changes nothing."""
+    def stage(
+        self,
+        epoch: EpochId,
+        num_reqs: int,
+        schedule: Schedule | None,
+        bases: np.ndarray,
+        held: Schedule | None,
+    ) -> EpochPlan | None:
+        """Rows below ``num_reqs`` changed since they were published, as epoch ``epoch``: one
+        batch for every shard it touches (changed rows; a part of ``schedule`` other than the
+        one it holds, ``held``; KV copies), split once, built on the epoch each shard holds
+        (``bases``). None when it would touch no shard. Changes nothing."""
         batches = tuple(host.batch(num_reqs) for host in self._hosts)
-        if schedule is None and not any(b.size for b in batches):
+        if schedule is None and held is None and not any(b.size for b in batches):
             return None
         bounds = self.layout.bounds
         cuts = tuple(b.cuts(bounds) for b in batches)
         copies = tuple(host.copy_plan() for host in self._hosts)
-        messages = shard_messages(epoch, batches, cuts, bounds, schedule, copies)
+        touched = touched_shards(cuts, schedule, held, copies, self.layout.num_shards)
+        if not touched.size:
+            return None
+        messages = shard_messages(epoch, batches, cuts, bounds, schedule, copies, touched, bases)
         versions = tuple(host.cpu_version for host in self._hosts)
-        return EpochPlan(epoch, num_reqs, batches, cuts, schedule, messages, copies, versions)
+        return EpochPlan(
+            epoch, num_reqs, batches, cuts, schedule, touched, messages, copies, versions
+        )
 
     def check_current(self, plan: EpochPlan) -> None:
         """Refuse a plan staged before a later row change (it would publish stale rows)."""
@@ -122,7 +136,7 @@ class Mirror(PooledRowOps):
         new ones; returns each shard's checksum after it (from ``expected``, before it) and
         the undo. Rows may change again at once; :meth:`unpublish` steps back."""
         terms = [host.terms_after(b) for host, b in zip(self._hosts, plan.batches, strict=True)]
-        after = expected_after(expected, plan.cuts, [delta for _, delta in terms])
+        after = expected_after(expected, plan.cuts, [delta for _, delta in terms], plan.touched)
         undo = [
             host.publish(b, t)
             for host, b, (t, _) in zip(self._hosts, plan.batches, terms, strict=True)

@@ -21,8 +21,10 @@ class ShardReceipt:
 @dataclass(frozen=True)
 class CommitReceipt:
     """``epoch`` is the epoch now published (or, unconfirmed, in flight); ``changed`` is
-    False when nothing was sent; each shard's ``checksum`` is what it confirmed (or, before
-    ``wait()``, what it must confirm).
+    False when nothing was sent; ``shards`` has one receipt per shard the epoch touched (sent
+    a message: changed rows, a new part of the step schedule, KV copies), in shard order, and
+    a shard's ``checksum`` is what it confirmed (or, before ``wait()``, what it must
+    confirm). A shard not among them holds what it held, at an older epoch.
 
     ``kv_copies`` holds, per group, the ``i32[2, K]`` KV copies (source page, destination
     page) this epoch asks of the model step: rows that moved onto new pages. Empty

@@ -74,6 +74,26 @@ class GroupBatch:
             for i, j, p, q in zip(cut, cut[1:], page_cut, page_cut[1:], strict=False)
         ]
 
+    def pieces(
+        self, bounds: np.ndarray, cut: np.ndarray, shards: Sequence[int]
+    ) -> list[GroupBatch]:
+        """The pieces :meth:`split` gives, for ``shards`` only (``cut``: :meth:`cuts` of
+        ``bounds``): the work grows with this batch and the shards asked for, not with the
+        number of bounds."""
+        if not self.row.size:
+            return [self] * len(shards)
+        written = np.zeros(self.row.size + 1, np.int64)
+        np.cumsum(self.count - self.start, out=written[1:])
+        out = []
+        for s in shards:
+            i, j = int(cut[s]), int(cut[s + 1])
+            p, q = int(written[i]), int(written[j])
+            row = self.row[i:j] - np.int32(bounds[s])
+            out.append(
+                GroupBatch(self.op[i:j], row, self.start[i:j], self.count[i:j], self.pages[p:q])
+            )
+        return out
+
 
 @dataclass(frozen=True, eq=False)
 class Schedule:
@@ -99,7 +119,9 @@ class ShardBatch:
     commit carries one, is the step's per-row token counts of the shard's rows.
     ``kv_copies`` (per group ``i32[2, K]`` source and destination global pages, every shard
     gets the whole plan) is the KV a model step must copy before its attention reads: rows
-    that moved to new pages.
+    that moved to new pages. ``touched`` is how many shards the epoch reaches (0: not said,
+    as in a full-state batch): a coordinator that takes the shards over tells from it
+    whether every shard the last epoch reached applied it.
     """
 
     epoch: int
@@ -109,6 +131,7 @@ class ShardBatch:
     generation: int = 0
     schedule: Schedule | None = None
     kv_copies: tuple[np.ndarray, ...] = ()
+    touched: int = 0
 
     @property
     def rows(self) -> int:

@@ -109,7 +109,7 @@ def serve_step(arrays, step: ShardStep, cfg: AttentionConfig, row_uids: np.ndarr
     else:  # a survivable job: no collective, pages over the KV channel
         pools = [cfg.pages_per_shard] * len(caches)
         caches, torn = kv_transfer.move_kv_pages(
-            caches, step.take_kv_copies(), pools, step.epoch, peer
+            caches, step.take_kv_copies(), pools, step.copies_epoch, peer
         )
         if any(t.size for t in torn):
             _CACHES[cfg.name] = caches

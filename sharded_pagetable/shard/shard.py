@@ -10,6 +10,7 @@ nowhere.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
@@ -320,13 +321,20 @@ class Shard:
         return self._ack(0, applied=True)
 
     def export(self, generation: int = 0) -> ShardBatch | None:
-        """This shard's rows as a full-state batch at its epoch (None at epoch 0)."""
+        """This shard's rows as a full-state batch at its epoch (None at epoch 0), saying how
+        many shards the epoch it last applied reached (see ``take_over``)."""
         self._obey(generation)
         if self.epoch == 0:
             return None
-        return ShardBatch.full_state(
+        state = ShardBatch.full_state(
             self.epoch, self.spec.shard_id, self.tables, self.counts, generation
         )
+        applied = self._applied
+        if isinstance(applied, bytes):
+            applied = decode(applied, self.limits)
+        if applied is None:  # rebuilt at a confirmed epoch: nothing to say
+            return state
+        return dataclasses.replace(state, touched=applied.touched)
 
     def drop_kv_copies(self, pools: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """Forget pending KV copies from or into the page ``pools`` of replaced shards;

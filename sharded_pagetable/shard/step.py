@@ -43,6 +43,7 @@ class SavedStep(NamedTuple):
     schedule: Schedule | None
     inputs: StepInputs | None
     copies: list[list[dict[int, int]]]  # per group, rounds of destination -> source page
+    copies_epoch: int
 
 
 class StepState:
@@ -71,6 +72,9 @@ class StepState:
         self._devices: Sequence[DeviceRows] = ()
         # per group, rounds of pending copies (destination -> source), applied in order
         self.copies: list[list[dict[int, int]]] = [[] for _ in config.page_sizes]
+        # The last epoch that brought copies: every shard was sent it (an epoch with KV
+        # copies touches them all), so every process names the pending copies alike.
+        self.copies_epoch = 0
 
     @property
     def inputs(self) -> StepInputs | None:
@@ -82,11 +86,12 @@ class StepState:
     def saved(self) -> SavedStep:
         """What :meth:`restore` needs to step back over the next :meth:`advance`."""
         rounds = [[dict(r) for r in g] for g in self.copies]
-        return SavedStep(self.schedule, self._inputs, rounds)
+        return SavedStep(self.schedule, self._inputs, rounds, self.copies_epoch)
 
     def restore(self, saved: SavedStep) -> None:
         self.schedule, self._inputs = saved.schedule, saved.inputs
         self.copies = [[dict(r) for r in g] for g in saved.copies]
+        self.copies_epoch = saved.copies_epoch
 
     def reset(self) -> None:
         self.schedule = self._inputs = None
@@ -99,6 +104,7 @@ class StepState:
         for rounds, plan in zip(self.copies, batch.kv_copies, strict=False):
             if not plan.size:
                 continue
+            self.copies_epoch = batch.epoch
             if not rounds or set(plan[1].tolist()) & set(rounds[-1].values()):
                 rounds.append({})  # it writes a page the last round still reads
             compose(rounds[-1], plan[0].tolist(), plan[1].tolist())
@@ -179,6 +185,9 @@ class ShardStep:
     """What a ``run_on_shards(fn, step=True)`` function gets besides the tables.
 
     ``inputs`` are the epoch's step inputs as global arrays (this process holds its part);
+    ``epoch`` the epoch this process's shard holds (shards an epoch did not touch hold an
+    older one), ``copies_epoch`` the epoch that brought the newest pending KV copies (the
+    same in every process: it names them on the KV channel);
     ``kv_copies`` the pending KV copies per group (global page ids, the same in every
     process), as rounds of ``i32[2, K]`` plans to apply in order with ``apply_kv_copies``
     before attention reads the cache: call :meth:`take_kv_copies` when you apply them, so
@@ -189,6 +198,7 @@ class ShardStep:
     inputs: StepInputs | None
     kv_copies: tuple[tuple[np.ndarray, ...], ...]
     _states: Sequence[StepState]
+    copies_epoch: int = 0
 
     def take_kv_copies(self) -> tuple[tuple[np.ndarray, ...], ...]:
         for state in self._states:
@@ -215,7 +225,8 @@ def shard_step(
         inputs = _build_all(states, tables, sharding, num_shards)
     else:
         inputs = _glue([s.inputs for s in states], sharding, num_shards, num_rows)
-    return ShardStep(epoch, inputs, states[0].pending_copies(), list(states))
+    copies_epoch = max(s.copies_epoch for s in states)
+    return ShardStep(epoch, inputs, states[0].pending_copies(), list(states), copies_epoch)
 
 
 def _build_all(

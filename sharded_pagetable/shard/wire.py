@@ -5,7 +5,8 @@ msgpack map ``{"v", "epoch", "base", "shard", "groups"}`` plus ``"gen"`` (the co
 generation; absent means 0), for a commit with a step schedule ``"sched"`` and ``"done"``
 (one int32 per shard row), and for a commit with KV copies ``"copies"`` (a list of one
 ``i32[2, K]`` plan per group: source pages then destination pages, each destination once;
-absent when no group has a copy). ``groups`` holds one map per KV-cache group with the
+absent when no group has a copy), and ``"touched"`` (how many shards the epoch reaches; absent
+means not said). ``groups`` holds one map per KV-cache group with the
 columns of :class:`~.messages.GroupBatch`. Every array is sent as little-endian int32 bytes.
 A reply is ``{"v", "ack": [shard, epoch, checksum, rows, applied, generation, apply_us]}`` or
 ``{"v", "refused": [shard, kind, message, generation]}``.
@@ -31,7 +32,7 @@ from ..rows.messages import REFUSAL_KINDS, Ack, GroupBatch, Refusal, Schedule, S
 VERSION = 1
 
 _KEYS = frozenset({"v", "epoch", "base", "shard", "groups"})
-_OPTIONAL_KEYS = frozenset({"gen", "sched", "done", "copies"})
+_OPTIONAL_KEYS = frozenset({"gen", "sched", "done", "copies", "touched"})
 _MAX_TOKENS = 2**31 - 1
 _GROUP_KEYS = ("op", "row", "start", "count", "pages")
 _GROUP_KEY_SET = frozenset(_GROUP_KEYS)
@@ -132,6 +133,8 @@ def encode(batch: ShardBatch) -> bytes:
         msg["done"] = np.ascontiguousarray(batch.schedule.done, dtype=_I32).tobytes()
     if any(c.size for c in batch.kv_copies):
         msg["copies"] = [np.ascontiguousarray(c, dtype=_I32).tobytes() for c in batch.kv_copies]
+    if batch.touched:
+        msg["touched"] = batch.touched
     msg["groups"] = groups
     return msgpack.packb(msg, use_bin_type=True)
 
@@ -226,6 +229,7 @@ def decode(data: bytes, limits: WireLimits) -> ShardBatch:
     if type(groups) is not list or len(groups) != len(limits.widths):
         raise WireFormatError(f"expected a list of {len(limits.widths)} groups")
     generation = _int_field(msg, "gen", _MAX_U64) if "gen" in msg else 0
+    touched = _int_field(msg, "touched", 2**31 - 1) if "touched" in msg else 0
     return ShardBatch(
         epoch,
         base,
@@ -234,6 +238,7 @@ def decode(data: bytes, limits: WireLimits) -> ShardBatch:
         generation,
         _decode_schedule(msg, limits),
         _decode_copies(msg, limits),
+        touched,
     )
 
 

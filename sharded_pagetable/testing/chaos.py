@@ -97,8 +97,8 @@ def _kill(
 def kill_after_send(
     table: sp.ShardedPageTable, rng: np.random.Generator | None, shard: int | None = None
 ):
-    """Within the block, the first commit kills a shard (``shard``, or one picked with
-    ``rng``) once every shard's batch is on its way and before any answer is read (it wraps
+    """Within the block, the first commit kills a shard (``shard``, or one of the shards it
+    touches picked with ``rng``) once every touched shard's batch is on its way and before any answer is read (it wraps
     the backend's ``send`` of this table). The victim is stopped (SIGSTOP) before the
     batches go out, so it never answers that epoch: the commit always sees it lost, however
     fast the other shards are (also a pipelined one, whose ``wait`` then raises)."""
@@ -108,8 +108,9 @@ def kill_after_send(
     def send_then_kill(batches):
         nonlocal shard
         del backend.send  # back to the class's method: one kill only
-        if shard is None:
-            shard = int(rng.integers(table.num_shards))
+        if shard is None:  # one the epoch touches (the others are not waited on)
+            touched = [b.shard for b in batches]
+            shard = int(touched[rng.integers(len(touched))])
         os.kill(backend.placements[shard]["pid"], signal.SIGSTOP)
         send(batches)
         _kill(table, rng, shard)
