@@ -35,16 +35,15 @@ from collections.abc import Callable, Sequence
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
-
-# 64 CPU devices, not the usual 8: a 64-shard layout needs a row axis of 64 device blocks.
-# Only the in-process tables use them (their devices are released before timing starts);
-# the Ray shard processes set their own device counts (8 in total).
-jax.config.update("jax_num_cpu_devices", 64)
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import bench_sharded  # noqa: E402  (scripts/: the same Ray tables)
+import bench_sharded
+
+# 64 CPU devices, not the usual 8: a 64-shard layout needs a row axis of 64 device blocks
+# (set after bench_sharded's 8, which would win otherwise). Only the in-process tables use
+# them; the Ray shard processes set their own device counts (8 in total).
+jax.config.update("jax_num_cpu_devices", 64)
 
 import sharded_pagetable as sp  # noqa: E402
 from sharded_pagetable.routing.layout import ShardLayout  # noqa: E402
@@ -167,9 +166,13 @@ def instant_table(rows: int, max_len: int, page_sizes: Sequence[int], shards: in
     return table
 
 
-def stats(seconds: Sequence[float]) -> dict:
+def stats(seconds: Sequence[float], cpu: Sequence[float] = ()) -> dict:
+    """p50 / p99 wall microseconds, and the p50 of this thread's CPU time when given."""
     us = np.asarray(seconds) * 1e6
-    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99))}
+    out = {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99))}
+    if len(cpu):
+        out["cpu_p50_us"] = float(np.percentile(np.asarray(cpu) * 1e6, 50))
+    return out
 
 
 def interleaved(tables: list, steps: list, groups: int, rows: int, parts: bool = False):
@@ -177,6 +180,7 @@ def interleaved(tables: list, steps: list, groups: int, rows: int, parts: bool =
     ``parts`` (in-process endpoints only) every other step is timed part by part instead."""
     pages = [Pages() for _ in tables]
     times: list[list[float]] = [[] for _ in tables]
+    cpu: list[list[float]] = [[] for _ in tables]
     nbytes: list[list[int]] = [[] for _ in tables]
     spans: list[dict] = [{k: [] for k, _ in PARTS} for _ in tables]
     gc.collect()
@@ -192,15 +196,16 @@ def interleaved(tables: list, steps: list, groups: int, rows: int, parts: bool =
                     for key, s in got.items():
                         spans[j][key].append(s)
                     continue
-                t0 = time.perf_counter()
+                c0, t0 = time.thread_time(), time.perf_counter()
                 receipt = commit(table, rows)
                 times[j].append(time.perf_counter() - t0)
+                cpu[j].append(time.thread_time() - c0)
                 nbytes[j].append(receipt.bytes)
     finally:
         gc.enable()
     out = []
-    for t, b, sp_ in zip(times, nbytes, spans, strict=True):
-        r = dict(stats(t), bytes=float(np.median(b)))
+    for t, c, b, sp_ in zip(times, cpu, nbytes, spans, strict=True):
+        r = dict(stats(t, c), bytes=float(np.median(b)))
         if parts:
             r["parts"] = {k: stats(v) for k, v in sp_.items()}
         out.append(r)
@@ -227,7 +232,124 @@ def decode_fill() -> list[Callable]:
     return [g0, g1]
 
 
-# -- a. shards, b. table size ------------------------------------------------------------
+# -- a. shards, b. table size, e. touched shards -------------------------------------------
+
+
+TOUCH_ROWS, TOUCH_LEN = 1024, 32768  # e.: one group of page size 16, 2048 pages per row
+ONE_TOUCHED_TARGETS = {64: 1.3, 256: 2.0}  # one touched shard: p50 vs 4 shards at most
+TOUCHED_SLOPE_TARGET_US = 10.0  # coordinator cost per added touched shard
+
+
+def touched_table(shards: int, kind: str):
+    """A table of ``TOUCH_ROWS`` rows for section e: ``"local"`` (real in-process shards,
+    which apply every batch) or ``"instant"`` (endpoints that answer at once: the
+    coordinator alone)."""
+    if kind == "instant":
+        endpoint = InstantShards(TOUCH_ROWS, shards)
+        table = sp.ShardedPageTable(
+            TOUCH_ROWS, TOUCH_LEN, BUDGET, (16,), num_shards=shards, backend=endpoint,
+            warmup=False,
+        )  # fmt: skip
+        _ENDPOINTS[id(table)] = endpoint
+        return table
+    return sp.ShardedPageTable(
+        TOUCH_ROWS, TOUCH_LEN, BUDGET, (16,), num_shards=shards, warmup=False
+    )
+
+
+def sweep_touched(counts: Sequence[int], kind: str, every: bool, steps: int) -> list[dict]:
+    """Per table of ``counts`` shards: a commit that appends one page to one row of shard 0
+    (``every=False``) or to one row of every shard (``every=True``); wall and CPU time."""
+    tables = [touched_table(n, kind) for n in counts]
+    try:
+        for t in tables:  # every shard holds rows; every third row is live
+            for row in range(0, TOUCH_ROWS, 3):
+                t.add_row([[row + 1]], row)
+            commit(t, TOUCH_ROWS)
+        times: list[list[float]] = [[] for _ in tables]
+        cpu: list[list[float]] = [[] for _ in tables]
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(steps):
+                for k in range(len(tables)):
+                    j = (i + k) % len(tables)
+                    t = tables[j]
+                    rps = TOUCH_ROWS // t.num_shards
+                    for row in range(0, TOUCH_ROWS, rps) if every else (0,):
+                        if t[0].num_pages_per_row[row] >= t.widths[0]:
+                            t.add_row([[1]], row)
+                        else:
+                            t.append_row([[i % 1000 + 2]], row)
+                    c0, t0 = time.thread_time(), time.perf_counter()
+                    receipt = commit(t, TOUCH_ROWS)
+                    times[j].append(time.perf_counter() - t0)
+                    cpu[j].append(time.thread_time() - c0)
+                    assert len(receipt.shards) == (t.num_shards if every else 1)
+        finally:
+            gc.enable()
+    finally:
+        for t in tables:
+            t.close()
+    return [dict(stats(w, c), shards=n) for n, w, c in zip(counts, times, cpu, strict=True)]
+
+
+def report_touched(counts: Sequence[int], steps: int, targets: list[str]) -> dict:
+    """Section e: one touched shard vs every shard touched, 4..256 shards."""
+    out = {}
+    local = []
+    for n in counts:  # several shards may share a device only where the layout allows it
+        try:
+            touched_table(n, "local").close()
+            local.append(n)
+        except ValueError as exc:
+            print(f"local backend with {n} shards: not built here ({exc})")
+    runs = (
+        ("one shard touched, local backend (real shards)", "local", False, local),
+        ("one shard touched, in-process endpoints (coordinator only)", "instant", False, counts),
+        ("every shard touched, in-process endpoints (coordinator only)", "instant", True, counts),
+    )
+    for label, kind, every, ns in runs:
+        try:
+            res = sweep_touched(ns, kind, every, steps)
+        except Exception as exc:  # e.g. more shards than this JAX can place
+            print(f"{label}: skipped ({type(exc).__name__}: {exc})")
+            continue
+        base = res[0]
+        print(f"{label}, {steps} commits per table, interleaved:")
+        print(
+            f"{'shards':>6} {'p50 us':>9} {'p99 us':>9} {'cpu p50 us':>11} {'vs ' + str(ns[0]):>8}"
+        )
+        for r in res:
+            print(
+                f"{r['shards']:>6} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} "
+                f"{r['cpu_p50_us']:>11.1f} {r['p50_us'] / base['p50_us']:>7.2f}x"
+            )
+        key = f"{kind}-{'every' if every else 'one'}"
+        out[key] = res
+        if not every:
+            for r in res:
+                limit = ONE_TOUCHED_TARGETS.get(r["shards"])
+                if limit is None:
+                    continue
+                ratio = r["p50_us"] / base["p50_us"]
+                targets.append(
+                    f"target {label}: {r['shards']} shards <= {limit}x {ns[0]} shards: "
+                    f"{ratio:.2f}x -> {'PASS' if ratio <= limit else 'MISS'}"
+                )
+        else:
+            x = np.array([r["shards"] for r in res], float)
+            y = np.array([r["cpu_p50_us"] for r in res])
+            slope = float(np.polyfit(x, y, 1)[0])
+            print(f"added CPU per touched shard (least squares): {slope:.2f} us")
+            ok = slope <= TOUCHED_SLOPE_TARGET_US
+            targets.append(
+                f"target coordinator CPU per added touched shard <= "
+                f"{TOUCHED_SLOPE_TARGET_US:.0f} us: {slope:.2f} us -> {'PASS' if ok else 'MISS'}"
+            )
+            out["every_slope_us"] = slope
+        print()
+    return out
 
 
 def sweep_shards(counts: Sequence[int], steps: int) -> list[dict]:
@@ -516,6 +638,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800, help="timed commits per table")
     parser.add_argument("--quick", action="store_true", help="1..8 shards, two sizes, no Ray")
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument(
+        "--only-touched", action="store_true", help="section e only (touched shards)"
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--png", default=os.path.join("out", "bench_scale.png"))
     args = parser.parse_args()
@@ -527,8 +652,19 @@ def main() -> None:
         sizes += [(4096, 4096), (8192, 8192)]
     with_ray = not (quick or args.no_ray)
     doc: dict = {"meta": {"rows": ROWS, "max_model_len": MAX_LEN, "page_sizes": PAGE_SIZES}}
-    targets = []
+    targets: list[str] = []
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start")
+    print()
+    print(
+        f"e. what a commit costs with the shards it touches: {TOUCH_ROWS} rows, one group "
+        f"(page size 16, {TOUCH_LEN // 16} pages per row), one page appended per touched shard"
+    )
+    touched_counts = (4, 16, 64) if quick else (4, 16, 64, 256)
+    doc["touched"] = report_touched(touched_counts, 60 if quick else steps // 2, targets)
+    if args.only_touched:
+        for line in targets:
+            print(line)
+        return
 
     print(
         f"a. coordinator cost per commit vs shards (in-process endpoints that answer at once): "

@@ -56,10 +56,15 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     proc = run_script("bench_scale", "--json", str(out_json), "--png", str(out_png))
     out = proc.stdout
     assert "target coordinator cost grows" in out and "target coordinator cost <=" in out
-    assert out.count(" -> PASS") + out.count(" -> MISS") == 2
+    # a, b, and e's three: one touched shard at 64 shards (local, in-process), per touched shard
+    assert out.count(" -> PASS") + out.count(" -> MISS") == 5
     assert "floor: loopback TCP echo" in out and "sum of the parts" in out
     doc = json.loads(out_json.read_text())
-    assert {"meta", "shards", "sizes", "ray", "breakdown", "targets"} <= doc.keys()
+    assert {"meta", "shards", "sizes", "ray", "breakdown", "targets", "touched"} <= doc.keys()
+    touched = doc["touched"]
+    for key in ("local-one", "instant-one", "instant-every"):
+        assert [r["shards"] for r in touched[key]] == [4, 16, 64]
+        assert all(r["cpu_p50_us"] > 0 for r in touched[key])
     assert [r["shards"] for r in doc["shards"]["rows"]] == [1, 2, 4, 8]
     assert len(doc["sizes"]["rows"]) == 2 and doc["ray"] == []
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

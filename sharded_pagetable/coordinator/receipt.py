@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,9 +43,12 @@ class CommitReceipt:
         shards = self.shards
         if apply_us:
             shards = tuple(
-                dataclasses.replace(s, apply_us=us) for s, us in zip(shards, apply_us, strict=True)
+                ShardReceipt(s.shard, s.rows, s.bytes, s.checksum, us)
+                for s, us in zip(shards, apply_us, strict=True)
             )
-        return dataclasses.replace(self, shards=shards, confirmed=True)
+        return CommitReceipt(
+            self.epoch, self.num_reqs, self.changed, shards, self.kv_copies, confirmed=True
+        )
 
     @property
     def rows(self) -> int:

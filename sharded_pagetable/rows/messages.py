@@ -45,8 +45,9 @@ class GroupBatch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the five columns: what a commit sends for this group on any backend."""
-        return sum(a.nbytes for a in (self.op, self.row, self.start, self.count, self.pages))
+        """Bytes of the five int32 columns: what a commit sends for this group on any
+        backend."""
+        return 4 * (4 * self.row.size + self.pages.size)
 
     @classmethod
     def empty(cls) -> GroupBatch:
@@ -84,13 +85,20 @@ class GroupBatch:
             return [self] * len(shards)
         written = np.zeros(self.row.size + 1, np.int64)
         np.cumsum(self.count - self.start, out=written[1:])
+        local = self.row - np.repeat(bounds[:-1].astype(np.int32), np.diff(cut))
+        cuts, page_cuts = cut.tolist(), written[cut].tolist()
+        empty = GroupBatch.empty()
         out = []
         for s in shards:
-            i, j = int(cut[s]), int(cut[s + 1])
-            p, q = int(written[i]), int(written[j])
-            row = self.row[i:j] - np.int32(bounds[s])
+            i, j = cuts[s], cuts[s + 1]
+            if i == j:
+                out.append(empty)
+                continue
+            p, q = page_cuts[s], page_cuts[s + 1]
             out.append(
-                GroupBatch(self.op[i:j], row, self.start[i:j], self.count[i:j], self.pages[p:q])
+                GroupBatch(
+                    self.op[i:j], local[i:j], self.start[i:j], self.count[i:j], self.pages[p:q]
+                )
             )
         return out
 
