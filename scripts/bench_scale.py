@@ -426,24 +426,33 @@ def commit_by_parts(table, n: int):
     ``(seconds per part, frames, changed bytes)``: the frames are the plan's messages as
     the wire encodes them (encoded here, outside the timed calls)."""
     endpoint = _ENDPOINTS.get(id(table))
-    clock = time.perf_counter
-    c0 = clock()
+    marks = []
+
+    def mark() -> None:
+        marks.append((time.perf_counter(), time.thread_time()))
+
+    mark()
     plan = table.stage(n)
-    c1 = clock()
+    mark()
     receipt = table.send(plan, wait=False)
-    c2 = clock()
+    mark()
     if endpoint is not None:
         endpoint.expect(receipt)
-    c3 = clock()
+    mark()
     table.wait()
-    c4 = clock()
+    mark()
     frames = [wire.encode(m) for m in plan.messages]
-    spans = (c1 - c0, c2 - c1, c4 - c3)
+    keys = [k for k, _ in PARTS]
+    spans = [(marks[i + 1][0] - marks[i][0], marks[i + 1][1] - marks[i][1]) for i in (0, 1, 3)]
+    COMMIT_CPU.append({k: cpu for k, (_, cpu) in zip(keys, spans, strict=True)})
     return (
-        dict(zip((k for k, _ in PARTS), spans, strict=True)),
+        {k: wall for k, (wall, _) in zip(keys, spans, strict=True)},
         frames,
         sum(b.nbytes for b in plan.batches),
     )
+
+
+COMMIT_CPU: list[dict[str, float]] = []  # the CPU seconds of every commit_by_parts call
 
 
 ECHO_SERVER = r"""
@@ -528,7 +537,9 @@ def breakdown(subjects: dict, iters: int) -> dict:
     plan = decode_steps(5, 2 * iters, ROWS, GROWS)
     names = list(subjects)
     parts = {name: {k: [] for k, _ in PARTS} for name in names}
+    cpu_parts = {name: {k: [] for k, _ in PARTS} for name in names}
     whole = {name: [] for name in names}
+    whole_cpu = {name: [] for name in names}
     applied = {name: [] for name in names}  # per whole commit: the slowest shard's own apply
     decode_s, echo_s, copy_s = [], [], []
     nbytes = {"frames": [], "changed": []}
@@ -546,14 +557,16 @@ def breakdown(subjects: dict, iters: int) -> dict:
                 table = subjects[name]
                 step_ops(table, step, len(PAGE_SIZES), pages[name])
                 if i % 2:
-                    t0 = time.perf_counter()
+                    c0, t0 = time.thread_time(), time.perf_counter()
                     receipt = commit(table, ROWS)
                     whole[name].append(time.perf_counter() - t0)
+                    whole_cpu[name].append(time.thread_time() - c0)
                     applied[name].append(max(s.apply_us for s in receipt.shards) / 1e6)
                     continue
                 spans, frames, changed = commit_by_parts(table, ROWS)
                 for key, s in spans.items():
                     parts[name][key].append(s)
+                    cpu_parts[name][key].append(COMMIT_CPU[-1][key])
                 if k == 0:
                     blob = b"".join(frames)
                     nbytes["frames"].append(len(blob))
@@ -569,10 +582,11 @@ def breakdown(subjects: dict, iters: int) -> dict:
         echo.close()
     out = {"subjects": {}, "floors": {}}
     for name in names:
-        rows = {k: stats(v) for k, v in parts[name].items()}
+        rows = {k: stats(v, cpu_parts[name][k]) for k, v in parts[name].items()}
         total = np.sum([parts[name][k] for k, _ in PARTS], axis=0)
-        rows["sum"] = stats(total)
-        rows["whole"] = stats(whole[name])
+        total_cpu = np.sum([cpu_parts[name][k] for k, _ in PARTS], axis=0)
+        rows["sum"] = stats(total, total_cpu)
+        rows["whole"] = stats(whole[name], whole_cpu[name])
         rows["shard_apply"] = stats(applied[name])
         out["subjects"][name] = rows
     out["floors"] = {
@@ -589,7 +603,11 @@ def breakdown(subjects: dict, iters: int) -> dict:
 
 
 def fmt(r: dict | None) -> str:
-    return "-" if r is None else f"{r['p50_us']:8.1f} / {r['p99_us']:8.1f}"
+    """``p50 / p99`` wall microseconds, then this thread's CPU p50 where it was measured."""
+    if r is None:
+        return "-"
+    cpu = f" cpu {r['cpu_p50_us']:7.1f}" if "cpu_p50_us" in r else ""
+    return f"{r['p50_us']:8.1f} / {r['p99_us']:8.1f}{cpu}"
 
 
 def plot(path: str, shards: list, ray_res: list, sizes: list) -> None:
@@ -790,12 +808,12 @@ def main() -> None:
             ray.shutdown()
 
     names = list(parts["subjects"])
-    head = "".join(f"{n:>22}" for n in names)
+    head = "".join(f"{n:>34}" for n in names)
     print(f"{'part':<50}{head}")
     rows = [(label, key) for key, label in PARTS]
     rows += [("sum of the parts", "sum"), ("whole commit (t.commit, other steps)", "whole")]
     for label, key in rows:
-        cells = "".join(f"{fmt(parts['subjects'][n][key]):>22}" for n in names)
+        cells = "".join(f"{fmt(parts['subjects'][n][key]):>34}" for n in names)
         print(f"{label:<50}{cells}")
     fl = parts["floors"]
     print()

@@ -39,12 +39,13 @@ def test_recovery_switches_to_the_standby_set(local_ray):
         os.kill(victim, signal.SIGKILL)
         assert wait_for_exit(victim, 20)
         t.append_row([[7], []], 0)
+        t.append_row([[8], []], ROWS - 1)  # the commit reaches the dead shard 1
         receipt = t.commit(ROWS)  # recovers onto the standby set, then commits
         assert receipt.epoch == 2 and len(t.recoveries) == 1
         assert pids(backend.placements) == standby  # switched, not started anew
         assert sorted(t.lost_kv_rows.tolist()) == [0, ROWS - 1]
         snap = t.device_snapshot(0)
-        assert snap[0, :4].tolist() == [1, 2, 7, 0] and snap[ROWS - 1, :2].tolist() == [4, 0]
+        assert snap[0, :4].tolist() == [1, 2, 7, 0] and snap[ROWS - 1, :3].tolist() == [4, 8, 0]
         backend._replacing.join(120)  # the next standby set starts in the background
         fresh = pids(backend._standby.placements)
         assert len(fresh) == 2 and not fresh & (primary | standby)

@@ -205,8 +205,8 @@ def run_chaos(config: ChaosConfig, progress=None) -> ChaosReport:
 def _check(table: sp.ShardedPageTable, replay: sp.MultiGroupPageTable, report: ChaosReport):
     # Each shard must hold exactly what the mirror published for it: the epoch that last
     # touched it (shards an epoch did not touch keep an older one) and that checksum.
-    held = [table._committer.holds(s) for s in range(table.num_shards)]
-    if table.shard_status() != held:
+    status = table.shard_status()  # a read: it may find a dead shard and recover first
+    if status != [table._committer.holds(s) for s in range(table.num_shards)]:
         report.mixed_epoch_arrays += 1
     for g in range(len(replay)):
         want = np.asarray(replay[g].get_device_tensor())
