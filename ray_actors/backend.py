@@ -420,15 +420,24 @@ class RayBackend:
             service = [] if self._set is None or self._set.service is None else [self._set.service]
             refs = [a.shutdown.remote() for a in [*self.actors, *service]]
             ray.wait(refs, num_returns=len(refs), timeout=10)
+        self.stop_shards()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    def stop_shards(self) -> None:
+        """Kill every shard process this backend drives (and its standby set, spares and
+        service process) and release their placement groups, leaving Ray itself running:
+        what a table dropped without ``close()`` does (other tables may share this Ray)."""
+        if self._delivery is not None:
+            self._delivery.close()
+            self._delivery = None
         self._kill_all()
         standby = self._take_standby()
         if standby is not None:
             kill(standby.actors)
             reap(standby.placements)
             release(standby.pg)
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
-            self._owns_ray = False
 
     def detach(self) -> None:
         """Forget the actors without stopping them (a detached table outlives this driver,

@@ -3,11 +3,12 @@
 The core imports no Ray; ``backend="ray"`` loads :mod:`ray_actors` on demand.
 """
 
-from .config import RayOptions, TableConfig
+from .config import RayOptions, TableConfig, TableDefaults
 from .constants import MAX_PAGE_ID, PAGE_TABLE_PADDING_VAL, SLOT_MAPPING_PADDING_VAL, cdiv
 from .coordinator.coordinator import ShardedPageTable
 from .coordinator.metrics import TableMetrics, serve_metrics
 from .coordinator.receipt import CommitReceipt, ShardReceipt
+from .defaults import configure, default_config
 from .errors import (
     BatchTooLargeError,
     ConfigError,
@@ -39,9 +40,12 @@ __all__ = [
     "ShardReceipt",
     "ShardedPageTable",
     "TableConfig",
+    "TableDefaults",
     "TableMetrics",
     "WireFormatError",
     "apply_kv_copies",
     "cdiv",
+    "configure",
+    "default_config",
     "serve_metrics",
 ]

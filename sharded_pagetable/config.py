@@ -17,6 +17,9 @@ A YAML file looks like::
       timeout_s: 60
       placement: pack       # or spread (STRICT_SPREAD: one shard per node)
 
+A default config for the tables an engine builds (:class:`TableDefaults`, see
+:mod:`.defaults`) has the same keys without the first four (the table's shape).
+
 Unknown keys and bad values raise :class:`ConfigError` naming the key; every number is
 range-checked against what int32 tables and JAX meshes allow. The YAML is plain data: anchors,
 aliases, merge keys, duplicate keys and YAML-1.1-only forms (octal ``040``, ``1_000``, ``yes``)
@@ -34,7 +37,7 @@ from typing import Any
 
 from .constants import cdiv
 from .errors import ConfigError
-from .routing.layout import ShardLayout
+from .routing.layout import check_shard_count
 from .yaml_loader import key_name, load_yaml, show
 
 _PLACEMENTS = ("pack", "spread")
@@ -212,14 +215,23 @@ class RayOptions:
         return cls(**value)
 
 
-@dataclass(frozen=True)
-class TableConfig:
-    """Everything ``ShardedPageTable`` takes, as read from YAML."""
+SHAPE_KEYS = ("max_num_reqs", "max_model_len", "max_num_batched_tokens", "page_sizes")
 
-    max_num_reqs: int
-    max_model_len: int
-    max_num_batched_tokens: int
-    page_sizes: tuple[int, ...]
+
+@dataclass(frozen=True)
+class TableDefaults:
+    """How a sharded table is sharded, without its shape: every key of a
+    :class:`TableConfig` but the four the constructor's positional arguments give.
+
+    ``ShardedPageTable`` takes each keyword it is not given from the default in effect
+    (``sp.configure(...)``, else the file named by ``$SHARDED_PAGETABLE_CONFIG``, else
+    ``TableDefaults()``: one in-process shard); see :mod:`sharded_pagetable.defaults`.
+
+    Example::
+
+      TableDefaults(num_shards=4, backend="ray", ray={"devices_per_shard": 1})
+    """
+
     num_shards: int = 1
     backend: str = "local"
     row_axis: str = "data"
@@ -233,11 +245,7 @@ class TableConfig:
     ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
-        for key in ("max_num_reqs", "max_model_len", "max_num_batched_tokens"):
-            _positive_int(key, getattr(self, key))
         _positive_int("num_shards", self.num_shards, MAX_DEVICES)
-        self._check_page_sizes()
-        check_table_shape(self.max_num_reqs, self.max_model_len, self.page_sizes, self.num_shards)
         if self.backend not in ("local", "ray"):
             raise ConfigError(f"backend must be 'local' or 'ray', got {show(self.backend)}")
         if not isinstance(self.row_axis, str) or not self.row_axis:
@@ -264,16 +272,6 @@ class TableConfig:
             )
         self._check_layout()
 
-    def _check_page_sizes(self) -> None:
-        sizes = self.page_sizes
-        if not isinstance(sizes, tuple | list) or not sizes or len(sizes) > MAX_GROUPS:
-            raise ConfigError(
-                f"page_sizes must be a list of 1..{MAX_GROUPS} page sizes, got {show(sizes)}"
-            )
-        for g, size in enumerate(sizes):
-            _positive_int(f"page_sizes[{g}]", size)
-        object.__setattr__(self, "page_sizes", tuple(sizes))
-
     def _check_mesh(self) -> None:
         mesh = self.mesh
         if not isinstance(mesh, Mapping) or not mesh or len(mesh) > MAX_MESH_AXES:
@@ -295,18 +293,96 @@ class TableConfig:
             )
 
     def _check_layout(self) -> None:
-        """Rows must split over the row axis, when the config alone fixes its size (the local
-        backend without a mesh takes every device of the process it starts in)."""
-        if self.mesh is not None:
-            blocks = self.mesh[self.row_axis]
-        elif self.backend == "ray":
-            blocks = self.num_shards * self.ray.devices_per_shard
-        else:
+        """The shards must fit the row axis when the config alone fixes its size (the local
+        backend without a mesh takes the devices of the process it starts in). Any row
+        count fits: the table rounds its capacity up (``ShardLayout.fit``)."""
+        if self.mesh is None:
             return
         try:
-            ShardLayout(self.max_num_reqs, self.num_shards, blocks)
+            check_shard_count(
+                self.num_shards, self.mesh[self.row_axis], share=self.backend == "local"
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``ShardedPageTable`` for these defaults."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def merged(self, **given: Any) -> dict[str, Any]:
+        """Every keyword of ``ShardedPageTable``: the ``given`` ones that are not None, these
+        defaults for the rest. (Given values are not checked here: they may be objects a
+        config cannot hold, such as a ``Mesh``; the constructor checks them.)"""
+        out = self.kwargs()
+        unknown = set(given) - set(out)
+        if unknown:
+            raise TypeError(f"unknown table settings {sorted(unknown)}")
+        out.update({k: v for k, v in given.items() if v is not None})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> TableDefaults:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        merged = {**data, **overrides}
+        shape = [k for k in SHAPE_KEYS if k in merged]
+        if shape:
+            raise ConfigError(
+                f"{shape[0]} is not a default: a table's shape comes from its constructor's "
+                "arguments; a default config holds only how tables are sharded (num_shards, "
+                "backend, mesh, ray, ...)"
+            )
+        _check_keys("config", merged, cls)
+        return cls(**merged)
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides: Any) -> TableDefaults:
+        data = load_yaml(path)
+        return cls.from_dict({} if data is None else data, **overrides)
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """Everything ``ShardedPageTable`` takes, as read from YAML: the table's shape and its
+    :class:`TableDefaults` (flat, one key per field)."""
+
+    max_num_reqs: int
+    max_model_len: int
+    max_num_batched_tokens: int
+    page_sizes: tuple[int, ...]
+    num_shards: int = 1
+    backend: str = "local"
+    row_axis: str = "data"
+    mesh: Mapping[str, int] | None = None
+    num_pages: int | None = None
+    pages_per_shard: int | None = None
+    metrics: bool = False
+    warmup: bool = True
+    recover: str = "manual"
+    max_recoveries: int = 3
+    ray: RayOptions = field(default_factory=RayOptions)
+
+    def __post_init__(self) -> None:
+        for key in ("max_num_reqs", "max_model_len", "max_num_batched_tokens"):
+            _positive_int(key, getattr(self, key))
+        _positive_int("num_shards", self.num_shards, MAX_DEVICES)
+        self._check_page_sizes()
+        check_table_shape(self.max_num_reqs, self.max_model_len, self.page_sizes, self.num_shards)
+        object.__setattr__(self, "ray", self.defaults().ray)  # checks every other key
+
+    def _check_page_sizes(self) -> None:
+        sizes = self.page_sizes
+        if not isinstance(sizes, tuple | list) or not sizes or len(sizes) > MAX_GROUPS:
+            raise ConfigError(
+                f"page_sizes must be a list of 1..{MAX_GROUPS} page sizes, got {show(sizes)}"
+            )
+        for g, size in enumerate(sizes):
+            _positive_int(f"page_sizes[{g}]", size)
+        object.__setattr__(self, "page_sizes", tuple(sizes))
+
+    def defaults(self) -> TableDefaults:
+        """Everything of this config but the shape."""
+        return TableDefaults(**{f.name: getattr(self, f.name) for f in _DEFAULT_FIELDS})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> TableConfig:
@@ -345,16 +421,7 @@ class TableConfig:
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``ShardedPageTable`` for this config."""
-        return {
-            "num_shards": self.num_shards,
-            "backend": self.backend,
-            "mesh": self.mesh,
-            "row_axis": self.row_axis,
-            "num_pages": self.num_pages,
-            "pages_per_shard": self.pages_per_shard,
-            "metrics": self.metrics,
-            "warmup": self.warmup,
-            "recover": self.recover,
-            "max_recoveries": self.max_recoveries,
-            "ray": self.ray,
-        }
+        return self.defaults().kwargs()
+
+
+_DEFAULT_FIELDS = dataclasses.fields(TableDefaults)

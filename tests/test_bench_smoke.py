@@ -68,3 +68,15 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert [r["shards"] for r in doc["shards"]["rows"]] == [1, 2, 4, 8]
     assert len(doc["sizes"]["rows"]) == 2 and doc["ray"] == []
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_construction_quick() -> None:
+    out = run_script("bench_construction").stdout
+    arrays = {}  # table -> device arrays its 16 host-only instances hold
+    for line in out.splitlines():
+        if line.strip().startswith(("MultiGroupPageTable", "ShardedPageTable")):
+            name, _ms, count = line.strip().rsplit(None, 2)
+            arrays[name] = int(count)
+    assert len(arrays) == 3, out
+    # Used on the host only: the sharded tables hold no device array (nothing started).
+    assert arrays.pop("MultiGroupPageTable") > 0 and set(arrays.values()) == {0}, out

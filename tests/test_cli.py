@@ -67,6 +67,16 @@ def summary_rows(stdout: str) -> dict[str, str]:
     return rows
 
 
+def test_info_shows_a_row_capacity_rounded_up(tmp_path):
+    """Rows that do not divide over the devices are a valid config: the capacity rounds up."""
+    path = tmp_path / "rows.yaml"
+    path.write_text((REPO / LOCAL).read_text().replace(": 256\n", ": 250\n"))
+    res = run("info", "--config", str(path), timeout=120)
+    assert res.returncode == 0, res.stderr
+    want = r"rows\s+250 \(capacity 256: rounded up\) = 8 blocks x 32 rows; 64 rows per shard"
+    assert re.search(want, res.stdout), res.stdout
+
+
 def test_info_prints_one_line_per_shard():
     res = run("info", "--config", LOCAL)
     assert res.returncode == 0, res.stderr
@@ -185,13 +195,13 @@ def test_bad_config_key_is_a_one_line_error(tmp_path):
         ),
         (lambda local: local.replace("{data: 8}", "{data: 1000000}"), "mesh.data must be"),
         (lambda local: local + "ray: {timeout_s: .nan}\n", "ray.timeout_s must be"),
-        (lambda local: local.replace(": 256\n", ": 252\n"), "max_num_reqs=252 does not divide"),
+        (lambda local: local.replace("num_shards: 4", "num_shards: 3"), "num_shards=3 must divide"),
         (
             lambda local: local.encode() + b"row_axis: \xff\n",
             f", line {LOCAL_LINES + 1}: not UTF-8 text",
         ),
     ],
-    ids=["syntax", "alias-bomb", "duplicate-key", "out-of-range", "nan", "rows", "not-utf8"],
+    ids=["syntax", "alias-bomb", "duplicate-key", "out-of-range", "nan", "shards", "not-utf8"],
 )
 def test_every_bad_config_is_one_line_and_exit_2(tmp_path, body, says):
     bad = tmp_path / "bad.yaml"

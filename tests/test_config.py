@@ -400,9 +400,9 @@ BAD_RANGE = [
     ("mesh axis names", {"mesh": {"data": 8, 1: 2}}),
     ("max_recoveries", {"max_recoveries": 10**6}),
     ("max_recoveries", {"max_recoveries": 0}),
-    ("max_num_reqs=60", {"max_num_reqs": 60, "mesh": {"data": 8}}),
     ("num_shards=3", {"num_shards": 3, "mesh": {"data": 8}}),
-    ("max_num_reqs=60", {"max_num_reqs": 60, "backend": "ray", "num_shards": 4}),
+    # A Ray shard process needs devices of its own: 16 shards cannot share 8 devices.
+    ("num_shards=16", {"num_shards": 16, "backend": "ray", "mesh": {"data": 8}}),
 ]
 
 
@@ -498,10 +498,28 @@ def test_from_dict_build_2d_mesh_context_manager() -> None:
         _exercise(t)
 
 
-def test_build_refuses_rows_that_do_not_split() -> None:
+@pytest.mark.parametrize(
+    "change",
+    [{"mesh": {"data": 8}}, {"backend": "ray", "num_shards": 4}, {"num_shards": 4}],
+    ids=["mesh", "ray", "local"],
+)
+def test_rows_that_do_not_split_are_accepted(change: dict) -> None:
+    """Any max_num_reqs is a valid config: the table rounds its row capacity up."""
+    assert TableConfig.from_dict({**BASE, "max_num_reqs": 60, **change}).max_num_reqs == 60
+
+
+def test_build_rounds_rows_up_and_refuses_rows_past_max_num_reqs() -> None:
     cfg = TableConfig.from_dict({**BASE, "max_num_reqs": 60, "num_shards": 4, "warmup": False})
-    with pytest.raises(ValueError, match="such as 64"):
-        sp.ShardedPageTable.from_config(cfg)
+    with sp.ShardedPageTable.from_config(cfg) as t:
+        assert (t.max_num_reqs, t.layout.max_num_reqs, t.layout.rows_per_shard) == (60, 64, 16)
+        assert t[0].get_cpu_tensor().shape == (60, 16)
+        with pytest.raises(IndexError, match=r"row 60 is out of range: valid rows are 0\.\.59"):
+            t.add_row([[1], [2]], 60)
+        t.add_row([[5, 6], [7]], 59)  # the last row: shard 3, whose rows 60..63 stay empty
+        t.commit(60)
+        dev = np.asarray(t[0].get_device_tensor())  # the capacity's rows: 64
+        assert dev.shape == (64, 16) and dev[59, :3].tolist() == [5, 6, 0] and not dev[60:].any()
+        np.testing.assert_array_equal(t.device_snapshot(0), t[0].get_cpu_tensor())
 
 
 # --------------------------------------------------------------------------- YAML 1.1 forms

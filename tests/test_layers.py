@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     {"sharded_pagetable.constants", "sharded_pagetable.errors"},
     {"sharded_pagetable.routing", "sharded_pagetable.yaml_loader"},
-    {"sharded_pagetable.rows", "sharded_pagetable.config"},
+    {"sharded_pagetable.rows", "sharded_pagetable.config", "sharded_pagetable.defaults"},
     {"sharded_pagetable.table"},
     {"sharded_pagetable.shard"},
     {"sharded_pagetable.serving"},

@@ -23,6 +23,9 @@ from sharded_pagetable.routing.mesh import (
     check_ownership,
     ordered_devices,
     row_sharding,
+    shard_rows_sharding,
+    shard_submesh,
+    shards_per_device,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True)
@@ -34,10 +37,15 @@ def divisors(n: int) -> list[int]:
 
 @st.composite
 def layouts(draw, max_blocks: int = 64, max_rows_per_block: int = 32) -> ShardLayout:
+    """Shards that own whole blocks, and (one draw in four) shards sharing blocks."""
     num_blocks = draw(st.integers(1, max_blocks))
-    num_shards = draw(st.sampled_from(divisors(num_blocks)))
-    rows_per_block = draw(st.integers(1, max_rows_per_block))
-    return ShardLayout(num_blocks * rows_per_block, num_shards=num_shards, num_blocks=num_blocks)
+    if draw(st.integers(0, 3)) == 0:
+        num_shards = num_blocks * draw(st.integers(1, 4))  # k shards share each block
+    else:
+        num_shards = draw(st.sampled_from(divisors(num_blocks)))
+    unit = ShardLayout.row_unit(num_shards, num_blocks)
+    rows = unit * draw(st.integers(1, max(1, max_rows_per_block * num_blocks // unit)))
+    return ShardLayout(rows, num_shards=num_shards, num_blocks=num_blocks)
 
 
 # --------------------------------------------------------------------------- valid layouts
@@ -47,9 +55,27 @@ def layouts(draw, max_blocks: int = 64, max_rows_per_block: int = 32) -> ShardLa
 @given(layouts())
 def test_derived_sizes(layout: ShardLayout) -> None:
     assert layout.rows_per_block * layout.num_blocks == layout.max_num_reqs
-    assert layout.blocks_per_shard * layout.num_shards == layout.num_blocks
     assert layout.rows_per_shard * layout.num_shards == layout.max_num_reqs
-    assert layout.rows_per_shard == layout.rows_per_block * layout.blocks_per_shard
+    if layout.shards_per_block == 1:  # every shard owns whole blocks
+        assert layout.blocks_per_shard * layout.num_shards == layout.num_blocks
+        assert layout.rows_per_shard == layout.rows_per_block * layout.blocks_per_shard
+    else:  # shards share blocks
+        assert layout.blocks_per_shard == 1
+        assert layout.shards_per_block * layout.num_blocks == layout.num_shards
+        assert layout.rows_per_block == layout.rows_per_shard * layout.shards_per_block
+
+
+@SETTINGS
+@given(st.integers(1, 5000), st.integers(1, 64), st.integers(1, 4), st.booleans())
+def test_fit_rounds_any_row_count_up_to_the_least_capacity(
+    rows: int, num_blocks: int, k: int, share: bool
+) -> None:
+    num_shards = num_blocks * k if share else divisors(num_blocks)[k % len(divisors(num_blocks))]
+    layout = ShardLayout.fit(rows, num_shards, num_blocks)
+    unit = ShardLayout.row_unit(num_shards, num_blocks)
+    assert layout.max_num_reqs % unit == 0
+    assert rows <= layout.max_num_reqs < rows + unit
+    assert ShardLayout.fit(layout.max_num_reqs, num_shards, num_blocks) == layout
 
 
 @SETTINGS
@@ -91,10 +117,14 @@ def test_shard_blocks_partition_all_blocks(layout: ShardLayout) -> None:
     for shard in range(layout.num_shards):
         blocks = layout.shard_blocks(shard)
         assert len(blocks) == layout.blocks_per_shard
-        assert all(layout.shard_of_block(b) == shard for b in blocks)
+        assert all(shard in layout.shards_of_block(b) for b in blocks)
         covered.extend(blocks)
-    assert sorted(covered) == list(range(layout.num_blocks))
-    assert len(covered) == len(set(covered))
+    # every block is held by shards_per_block shards, exactly those that name it
+    assert sorted(covered) == sorted(list(range(layout.num_blocks)) * layout.shards_per_block)
+    for block in range(layout.num_blocks):
+        holders = [s for s in range(layout.num_shards) if block in layout.shard_blocks(s)]
+        assert holders == list(layout.shards_of_block(block))
+        assert layout.shard_of_block(block) == holders[0]
 
 
 @SETTINGS
@@ -105,7 +135,7 @@ def test_rows_of_a_shard_lie_in_its_blocks(layout: ShardLayout) -> None:
         for row in layout.shard_rows(shard):
             block = layout.block_of(row)
             assert block in blocks
-            assert layout.shard_of_block(block) == shard
+            assert shard in layout.shards_of_block(block)
             # a block holds rows_per_block consecutive rows
             assert block * layout.rows_per_block <= row < (block + 1) * layout.rows_per_block
 
@@ -138,8 +168,9 @@ def test_split_sorted_empty_and_docstring_example() -> None:
 @SETTINGS
 @given(st.data())
 def test_num_shards_not_dividing_blocks_suggests_valid_counts(data: st.DataObject) -> None:
-    num_blocks = data.draw(st.integers(1, 64))
-    bad = [s for s in range(1, 2 * num_blocks + 2) if num_blocks % s]
+    num_blocks = data.draw(st.integers(2, 64))
+    # neither a divisor of the blocks (own devices) nor a multiple (shards sharing devices)
+    bad = [s for s in range(1, 2 * num_blocks + 2) if num_blocks % s and s % num_blocks]
     num_shards = data.draw(st.sampled_from(bad))
     rows = num_blocks * data.draw(st.integers(1, 8))
     with pytest.raises(ValueError, match="num_shards") as info:
@@ -299,3 +330,28 @@ def test_check_ownership_refuses_mismatched_processes(axes, num_shards, wrong_sh
     first_block = layout.shard_blocks(wrong_shard).start
     assert f"row block {first_block}" in msg
     assert f"shard {wrong_shard} in process 1" in msg
+
+
+@pytest.mark.parametrize(("devices", "num_shards"), [(1, 4), (2, 4), (2, 8), (4, 4), (8, 2)])
+def test_shard_submesh_and_row_sharding_when_shards_share_devices(devices, num_shards) -> None:
+    """A shard's devices: its own run of the row axis, or the one device it shares; where
+    shards share a device, each keeps its own rows there (a RowBlock of exactly them)."""
+    mesh = build_mesh(None, "data", jax.devices()[:devices])
+    layout = ShardLayout.fit(30, num_shards, devices)
+    shared = shards_per_device(mesh, "data", num_shards)
+    assert shared == max(1, num_shards // devices) == layout.shards_per_block
+    for shard in range(num_shards):
+        sub = shard_submesh(mesh, "data", num_shards, shard)
+        first = layout.shard_blocks(shard).start
+        assert list(sub.devices.flat) == list(mesh.devices.flat)[first : first + sub.size]
+        own = shard_rows_sharding(row_sharding(mesh, "data"), layout, shard)
+        rows = layout.shard_rows(shard)
+        blocks = own.addressable_devices_indices_map((layout.max_num_reqs, 3))
+        held = {(r.indices(layout.max_num_reqs)[:2]) for r, _ in blocks.values()}
+        if shared > 1:
+            assert held == {(rows.start, rows.stop)} and set(blocks) == set(sub.devices.flat)
+        else:
+            assert own == row_sharding(mesh, "data")
+    check_ownership(mesh, "data", layout, {s: 0 for s in range(num_shards)})
+    with pytest.raises(ValueError, match="must divide"):
+        shards_per_device(mesh, "data", 3 * devices + 1 if devices > 1 else 0)

@@ -133,7 +133,7 @@ def test_spread_with_fewer_nodes_than_shards_fails_fast(cluster):
     actors, groups = _alive_actors(), _live_groups()
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="fewer nodes than shards") as info:
-        _table(NUM_NODES + 1)
+        _table(NUM_NODES + 1).start()  # a table starts its shards when first needed
     elapsed = time.monotonic() - t0
     assert "4 shards" in str(info.value) and f"{NUM_NODES} alive node(s)" in str(info.value)
     assert elapsed < 20, f"took {elapsed:.1f}s: it should not wait for the placement group"

@@ -167,4 +167,4 @@ def test_mesh_with_rows_on_another_process_is_refused(local_ray):
             row_axis="data",
             mesh={"model": 2, "data": 2},
             ray={"devices_per_shard": 2, "timeout_s": 30},
-        )
+        ).start()  # a table starts its shards when first needed

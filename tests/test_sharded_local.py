@@ -108,11 +108,31 @@ def test_bad_calls_change_nothing():
                 np.testing.assert_array_equal(t.device_snapshot(g), dev[g])
 
 
-def test_mesh_and_shard_count_errors_name_a_valid_size():
-    with pytest.raises(ValueError, match="num_shards=3"):
+def test_shard_count_errors_name_a_valid_size_and_any_row_count_works():
+    with pytest.raises(ValueError, match=r"num_shards=3 .* try num_shards in \[1, 2, 4, 8\]"):
         make(3)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        sp.ShardedPageTable(60, MAX_LEN, 256, PAGE_SIZES, num_shards=2)
+    # 60 rows do not divide over the 8 devices: the capacity rounds up to 64, and rows
+    # 60..63 are refused exactly as MultiGroupPageTable(60, ...) refuses them.
+    ref = sp.MultiGroupPageTable(60, MAX_LEN, 256, PAGE_SIZES, warmup=False)
+    with sp.ShardedPageTable(60, MAX_LEN, 256, PAGE_SIZES, num_shards=2) as t:
+        assert (t.layout.max_num_reqs, t.max_num_reqs, t[0].get_cpu_tensor().shape[0]) == (
+            64,
+            60,
+            60,
+        )
+        calls = [
+            lambda x: x.append_row([[1], [2]], 60),
+            lambda x: x.move_row(0, 63),
+            lambda x: x.swap_row(64, 0),
+            lambda x: x.commit(61),
+        ]
+        for call in calls:
+            errors = []
+            for table in (t, ref):
+                with pytest.raises((ValueError, IndexError)) as info:
+                    call(table)
+                errors.append((type(info.value), str(info.value)))
+            assert errors[0] == errors[1]
 
 
 def test_two_axis_mesh_replicates_rows_over_the_other_axis():

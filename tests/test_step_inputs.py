@@ -182,6 +182,43 @@ def test_collectives_stay_inside_a_shard(axes: dict[str, int], num_shards: int) 
     )
 
 
+SHARED = [
+    ({"data": 1}, 2),
+    ({"data": 1}, 4),
+    ({"data": 2}, 4),
+    ({"data": 2}, 8),
+    ({"data": 2, "model": 2}, 4),
+]
+
+
+@pytest.mark.parametrize(("axes", "num_shards"), SHARED)
+def test_shards_sharing_devices_match_reference(axes: dict[str, int], num_shards: int) -> None:
+    """More shards than devices on the row axis (in-process shards on a small machine): the
+    same values as the reference, in the same places of the global arrays, and no
+    collective at all (each shard's part is computed on its own device)."""
+    size = int(np.prod(list(axes.values())))
+    mesh = make_mesh(axes, jax.devices()[:size])
+    rng = np.random.default_rng(num_shards * 7 + size)
+    for num_reqs in (NUM_ROWS, 13, 0):
+        tables, counts, sched, done = make_case(rng, num_shards, num_reqs)
+        s = check_schedule(
+            counts, sched, done, num_reqs, PAGE_SIZES, num_shards, TOKENS // num_shards
+        )
+        got = run_device(mesh, tables, s.sched, s.done, num_shards)
+        want = step_inputs_reference(
+            tables, s.sched, s.done, PAGE_SIZES, num_shards, TOKENS // num_shards
+        )
+        assert_same(got, want)
+    rows = NamedSharding(mesh, P("data"))
+    assert got.token_rows.sharding == rows and got.kv_lens.sharding == rows
+    assert got.cu_q_lens.sharding == NamedSharding(mesh, P("data", None))
+    zeros = jax.device_put(np.zeros(NUM_ROWS, np.int32), rows)
+    fn = step_inputs_module._compiled(mesh, "data", PAGE_SIZES, num_shards, TOKENS // num_shards, 0)
+    device_tables = tuple(jax.device_put(t, NamedSharding(mesh, P("data", None))) for t in tables)
+    hlo = fn.lower(device_tables, zeros, zeros).compile().as_text()
+    assert "replica_groups" not in hlo, "a shard sharing a device needs no collective"
+
+
 def schedule_args(**change):
     counts = [np.array([2, 1, 0, 0]), np.array([1, 1, 0, 0])]  # pages of 4 and 8 tokens
     args = dict(

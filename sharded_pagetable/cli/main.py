@@ -63,12 +63,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         axes = axes or {config.row_axis: len(jax.devices())}
         per_process = math.prod(axes.values())
-    layout = ShardLayout(config.max_num_reqs, config.num_shards, axes[config.row_axis])
+    try:
+        layout = ShardLayout.fit(config.max_num_reqs, config.num_shards, axes[config.row_axis])
+    except ValueError as exc:  # shards that do not fit this machine's devices
+        raise _BadConfig(f"bad config {args.config}: {exc}") from None
     replicas = math.prod(axes.values()) // axes[config.row_axis]
     print(f"config      {args.config}")
     print(f"backend     {config.backend}   mesh {axes}   row axis {config.row_axis!r}")
+    capacity = layout.max_num_reqs
+    rounded = "" if capacity == config.max_num_reqs else f" (capacity {capacity}: rounded up)"
     print(
-        f"rows        {config.max_num_reqs} = {layout.num_blocks} blocks x "
+        f"rows        {config.max_num_reqs}{rounded} = {layout.num_blocks} blocks x "
         f"{layout.rows_per_block} rows; {layout.rows_per_shard} rows per shard"
     )
     widths = [math.ceil(config.max_model_len / s) for s in config.page_sizes]
@@ -111,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from ..coordinator.coordinator import ShardedPageTable
 
         overrides = {"recover": "auto"} if args.kill_every else {}
-        table = ShardedPageTable.from_config(config, **overrides)
+        table = ShardedPageTable.from_config(config, **overrides).start()  # shards up now
     except Exception as exc:
         if config.backend == "ray":
             print(

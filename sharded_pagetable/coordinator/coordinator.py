@@ -7,6 +7,8 @@
 - the :class:`~.committer.EpochCommitter` owns the epoch state (epoch, generation, what
   every shard must report, the epoch in flight) and sends and confirms epochs;
 - :class:`~.health.Health` owns the failed / fenced state and the recovery policy;
+- the :class:`~.lifecycle.ShardLifecycle` owns whether the shards run yet (they start at
+  first use) and the backend once they do;
 - the backend (:mod:`.backend`) owns the shards, wherever they live.
 
 Cross-shard moves and swaps are resolved in the mirror and reach the shards as ordinary row
@@ -20,6 +22,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,8 +30,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ..config import RayOptions, TableConfig
+from ..config import RayOptions, TableConfig, TableDefaults
 from ..constants import cdiv
+from ..defaults import default_config
 from ..errors import FencedError, ShardFailedError
 from ..routing.pools import PagePools
 from ..shard.step_inputs import StepInputs
@@ -41,11 +45,12 @@ from .backend import Backend
 from .committer import EpochCommitter
 from .epochs import EpochPlan, new_generation
 from .health import Health
+from .lifecycle import ShardLifecycle
 from .metrics import TableMetrics
 from .mirror import Mirror
 from .reads import gather_step_inputs
 from .receipt import CommitReceipt
-from .start import ShardShape, check_args, check_pool_pages, start_backend
+from .start import ShardShape, check_args, check_pool_pages, plan_backend
 from .view import GroupView
 
 log = logging.getLogger(__name__)
@@ -69,30 +74,53 @@ def _row_op(name: str) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def call(self: ShardedPageTable, *args: Any, **kwargs: Any) -> Any:
-        self._open()
+        self._check_open()
         return getattr(self._mirror, name)(*args, **kwargs)
 
     return _locked(call)
 
 
+def _device_tensor(table: weakref.ref[ShardedPageTable], group: int) -> jax.Array:
+    """``t[group].get_device_tensor()`` of the table ``table`` refers to."""
+    live = table()
+    if live is None:
+        raise RuntimeError("the ShardedPageTable of this group view was dropped")
+    return live._group_array(group)
+
+
 class ShardedPageTable:
     """``MultiGroupPageTable`` semantics with rows sharded over ``num_shards`` shards.
 
+    Built the way ``MultiGroupPageTable`` is (the same arguments by position and keyword,
+    ``sharding`` included); each keyword below that is not given (None) comes from the
+    default in effect (``sp.configure``, else ``$SHARDED_PAGETABLE_CONFIG``, else one
+    in-process shard: :mod:`sharded_pagetable.defaults`). The shards start at the first call
+    that needs them (a commit, a device read, ``run_on_shards``; or :meth:`start`), so a
+    table used on the host only costs its host mirror.
+
     Args:
       max_num_reqs, max_model_len, max_num_batched_tokens, page_sizes: as in
-        ``MultiGroupPageTable``.
-      num_shards: shard processes (``backend="ray"``) or in-process shards (``"local"``).
-      backend: ``"local"`` (default, embedded), ``"ray"``, or a started object implementing
+        ``MultiGroupPageTable``. Any ``max_num_reqs``: the row capacity
+        (``layout.max_num_reqs``) rounds it up to split over the row axis and the shards,
+        and rows at or past ``max_num_reqs`` are refused as ``MultiGroupPageTable`` refuses
+        them.
+      sharding: ``MultiGroupPageTable``'s fifth argument. Its devices are where in-process
+        shards build their mesh (a ``NamedSharding`` whose mesh has ``row_axis`` is used as
+        it is) unless ``mesh`` says otherwise; the arrays are always split over the row
+        axis. Ray shard processes own their devices and do not use it.
+      num_shards: shard processes (``backend="ray"``) or in-process shards (``"local"``;
+        these may outnumber the devices of the row axis and share them).
+      backend: ``"local"`` (embedded), ``"ray"``, or a started object implementing
         :class:`~.backend.Backend` with ``layout`` and ``mesh_axes`` (shards that live
         elsewhere: tools, benchmarks, tests).
       mesh: a ``Mesh`` (local backend), a mapping of axis sizes such as
-        ``{"data": 4, "model": 2}``, or None for a 1-D mesh over every device named
-        ``row_axis``.
+        ``{"data": 4, "model": 2}``, or None for a 1-D mesh named ``row_axis`` over every
+        device (or those of ``sharding``).
       row_axis: mesh axis the rows are split along.
       num_pages: if given, page ids must be below it.
       pages_per_shard: KV-local page pools: shard ``s`` owns page ids ``[s*P, (s+1)*P)``
         and a row may only hold pages of its own shard's pool.
-      warmup: compile device-update buckets and kernels at start-up.
+      warmup: compile device-update buckets and kernels when the shards start.
       recover: ``"manual"`` (a lost shard fails the table closed until ``recover()``) or
         ``"auto"`` (recovered inside the failing call, up to ``max_recoveries`` times).
       ray: options of the Ray backend (address, devices per shard, timeout, placement).
@@ -104,7 +132,7 @@ class ShardedPageTable:
       with ShardedPageTable(1024, 32768, 8192, [16, 64], num_shards=4) as t:
           t.add_row([[1, 2], [9]], row_idx=0)
           t.move_row(0, 700)          # rows 0 and 700 live on different shards
-          receipt = t.commit(1024)
+          receipt = t.commit(1024)    # the shards start here
     """
 
     def __init__(
@@ -113,26 +141,46 @@ class ShardedPageTable:
         max_model_len: int,
         max_num_batched_tokens: int,
         page_sizes: Sequence[int],
+        sharding: jax.sharding.Sharding | None = None,
         *,
-        num_shards: int,
-        backend: str | Backend = "local",
+        num_shards: int | None = None,
+        backend: str | Backend | None = None,
         mesh: Mesh | Mapping[str, int] | None = None,
-        row_axis: str = "data",
+        row_axis: str | None = None,
         num_pages: int | None = None,
         pages_per_shard: int | None = None,
-        warmup: bool = True,
-        recover: str = "manual",
-        max_recoveries: int = 3,
+        warmup: bool | None = None,
+        recover: str | None = None,
+        max_recoveries: int | None = None,
         ray: RayOptions | Mapping[str, Any] | None = None,
-        metrics: bool | TableMetrics = False,
+        metrics: bool | TableMetrics | None = None,
+        _defaults: TableDefaults | None = None,
         _attach: bool = False,
     ) -> None:
         page_sizes = check_page_sizes(page_sizes)
+        if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+            raise TypeError(f"sharding must be a jax.sharding.Sharding or None, got {sharding!r}")
+        o = (default_config() if _defaults is None else _defaults).merged(
+            num_shards=num_shards,
+            backend=backend,
+            mesh=mesh,
+            row_axis=row_axis,
+            num_pages=num_pages,
+            pages_per_shard=pages_per_shard,
+            warmup=warmup,
+            recover=recover,
+            max_recoveries=max_recoveries,
+            ray=ray,
+            metrics=metrics,
+        )
+        num_shards, backend, row_axis = o["num_shards"], o["backend"], o["row_axis"]
         check_args(
             (max_num_reqs, max_model_len, max_num_batched_tokens, page_sizes), num_shards, backend
         )
+        max_num_reqs, max_model_len = int(max_num_reqs), int(max_model_len)  # numpy ints too
+        max_num_batched_tokens, num_shards = int(max_num_batched_tokens), int(num_shards)
         self._lock = threading.RLock()
-        self._health = Health(recover, max_recoveries)  # checks both before anything starts
+        self._health = Health(o["recover"], o["max_recoveries"])  # checked before anything
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -142,55 +190,80 @@ class ShardedPageTable:
         self.widths = tuple(cdiv(max_model_len, s) for s in page_sizes)
         self.recoveries: list[float] = []  # seconds each recovery took
         self.lost_kv_rows = np.empty(0, np.int32)  # i32[k] live rows the last recovery lost
-        self.metrics = TableMetrics() if metrics is True else metrics or None
-        pools = None
-        if pages_per_shard is not None:
-            pools = PagePools(num_shards, max_num_reqs // num_shards, pages_per_shard)
-            num_pages = check_pool_pages(num_pages, pools)
+        self.metrics = TableMetrics() if o["metrics"] is True else o["metrics"] or None
         shape = ShardShape(
-            max_num_reqs, num_shards, self.widths, page_sizes, max_num_batched_tokens, warmup
+            max_num_reqs, num_shards, self.widths, page_sizes, max_num_batched_tokens, o["warmup"]
         )
-        self.layout, self.mesh_axes, self._backend = start_backend(
-            backend, shape, mesh, row_axis, ray, _attach
-        )
+        plan = plan_backend(backend, shape, o["mesh"], row_axis, o["ray"], _attach, sharding)
+        self.layout, self.mesh_axes = plan.layout, plan.mesh_axes
+        pools, num_pages = None, o["num_pages"]
+        if o["pages_per_shard"] is not None:
+            pools = PagePools(num_shards, self.layout.rows_per_shard, o["pages_per_shard"])
+            num_pages = check_pool_pages(num_pages, pools)
         self._mirror = Mirror(
             self.layout, self.widths, page_sizes, max_num_batched_tokens, num_pages, pools
         )
+        for host in self._mirror.hosts:  # rows past max_num_reqs: capacity, always empty
+            host.limit_rows(max_num_reqs)
         limits = WireLimits.for_layout(self.layout, self.widths)
         self._committer = EpochCommitter(self._mirror, limits, self.metrics)
+        me = weakref.ref(self)  # no cycle: a table nobody holds is freed (and stops) at once
         self._views = [
-            GroupView(host, max_num_batched_tokens, functools.partial(self._group_array, g))
+            GroupView(host, max_num_batched_tokens, functools.partial(_device_tensor, me, g))
             for g, host in enumerate(self._mirror.hosts)
         ]
-        self._take_shards(_attach)
+        self._attaching = _attach
+        self._shards = ShardLifecycle(plan)
+        if _attach or not isinstance(backend, str):  # nothing to defer
+            self._started()
 
-    def _take_shards(self, attach: bool) -> None:
-        """Fence the shards this table started, or take over running ones (attach); a
-        failure lets go of them (stopping only shards this table started)."""
-        backend, committer = self._backend, self._committer
-        try:
-            if attach:  # the previous coordinator stays in charge unless this completes
-                taken = take_over(backend, self._mirror)
-                committer.generation, committer.epoch = taken.generation, taken.epoch
-                committer.expected = taken.expected
-                committer.held[:] = taken.held
-                self._health.failed = taken.lost
-            else:  # a generation above every one the shards obeyed
-                committer.generation = new_generation(max(a.generation for a in backend.status()))
-                committer.fence(backend)
-        except BaseException:
-            self._backend = None
-            if attach:  # only shards this coordinator created may be stopped
-                backend.detach()
-            else:
-                backend.close(clean=False)
-            raise
+    def _started(self) -> Backend:
+        """The running backend: the shards start, and are fenced, at the first call that
+        needs them (see :mod:`.lifecycle`). Raises once the table is closed."""
+        return self._shards.get(self, self._take_shards)
+
+    def _take_shards(self, backend: Backend) -> None:
+        """Fence the shards this table started, or take over running ones (attach)."""
+        committer = self._committer
+        if self._attaching:  # the previous coordinator stays in charge unless this completes
+            taken = take_over(backend, self._mirror)
+            committer.generation, committer.epoch = taken.generation, taken.epoch
+            committer.expected = taken.expected
+            committer.held[:] = taken.held
+            self._health.failed = taken.lost
+        else:  # a generation above every one the shards obeyed
+            committer.generation = new_generation(max(a.generation for a in backend.status()))
+            committer.fence(backend)
+
+    @property
+    def _backend(self) -> Backend | None:
+        """The running backend (its shards started now if need be), None once closed: for
+        tools and tests that reach the shards directly. Once they run it takes no lock, so
+        another thread may reach them during a long call (a model step, a commit)."""
+        shards = self._shards
+        if shards.backend is not None and not shards.closed:
+            return shards.backend
+        with self._lock:
+            return None if shards.closed else self._started()
+
+    @property
+    def started(self) -> bool:
+        """Whether the shards run yet (they start at the first call that needs them)."""
+        return self._shards.started
+
+    def start(self) -> ShardedPageTable:
+        """Start the shards now rather than at the first call that needs them (a commit, a
+        device read, ``run_on_shards``): a serving loop calls it at set-up so its first step
+        does not pay the start (seconds for Ray shard processes). Returns the table."""
+        with self._lock:
+            self._started()
+        return self
 
     @classmethod
     def from_config(cls, config: TableConfig | str, **overrides: Any) -> ShardedPageTable:
         """Build a table from a :class:`TableConfig` or a YAML file of ``configs/``."""
         config = TableConfig.resolve(config, **overrides)
-        return cls(*config.shape(), **config.kwargs())
+        return cls(*config.shape(), _defaults=config.defaults())
 
     @classmethod
     def attach(cls, config: TableConfig | str, **overrides: Any) -> ShardedPageTable:
@@ -202,7 +275,7 @@ class ShardedPageTable:
         config = TableConfig.resolve(config, **overrides)
         if config.backend != "ray" or not config.ray.detached:
             raise ValueError("attach needs backend: ray with ray.detached: true")
-        return cls(*config.shape(), _attach=True, **config.kwargs())
+        return cls(*config.shape(), _defaults=config.defaults(), _attach=True)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -247,10 +320,9 @@ class ShardedPageTable:
     def _hosts(self) -> list[HostRows]:
         return self._mirror.hosts
 
-    def _open(self) -> Backend:
-        if self._backend is None:
+    def _check_open(self) -> None:
+        if self._shards.closed:
             raise RuntimeError("this ShardedPageTable is closed")
-        return self._backend
 
     # -- row operations (the mirror only) ------------------------------------------------
 
@@ -297,6 +369,7 @@ class ShardedPageTable:
         """
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         with self._lock:
+            self._started()
             self._settle()
             schedule = self._mirror.schedule(n, num_scheduled_tokens, num_computed_tokens)
 
@@ -312,6 +385,7 @@ class ShardedPageTable:
         refused with ``ValueError``; a ``None`` plan commits nothing. The seam tools and
         benchmarks measure the commit through; a failure fails the table as a commit does."""
         with self._lock:
+            self._started()
             self._settle()
             if plan is not None:
                 self._committer.check_current(plan)
@@ -321,7 +395,7 @@ class ShardedPageTable:
     def _send(
         self, plan: EpochPlan | None, num_reqs: int, wait: bool, started: float | None = None
     ) -> CommitReceipt:
-        backend, committer = self._open(), self._committer
+        backend, committer = self._started(), self._committer
         receipt = committer.send(backend, plan, num_reqs, started)
         return receipt if not wait else committer.settle(backend) or receipt
 
@@ -336,6 +410,7 @@ class ShardedPageTable:
         change. For tools and benchmarks that measure or inspect the commit path."""
         n = check_count(num_reqs, self.max_num_reqs, "num_reqs")
         with self._lock:
+            self._started()  # a plan carries the generation the shards are fenced with
             self._settle()
             schedule = self._mirror.schedule(n, num_scheduled_tokens, num_computed_tokens)
             return self._committer.stage(n, schedule)
@@ -344,32 +419,41 @@ class ShardedPageTable:
     def wait(self) -> CommitReceipt | None:
         """The confirmed receipt of the last ``commit(..., wait=False)`` (None if nothing is
         in flight); raises :class:`ShardFailedError` if that epoch failed."""
-        backend = self._open()
+        self._check_open()
+        if not self._shards.started:  # nothing was ever sent
+            return None
+        backend = self._started()
         return self._health.watch(lambda: self._committer.settle(backend))
 
     def _settle(self) -> None:
         if self._committer.in_flight:
-            backend = self._open()
+            backend = self._started()
             self._health.watch(lambda: self._committer.settle(backend))
 
     # -- reads that reach the shards ---------------------------------------------------
 
     def _read(self, fn: Callable[[Backend], Any]) -> Any:
-        """A read on the shards; a lost shard fails the table closed."""
+        """A read on the shards (started first if need be: a failed start raises as it is);
+        a lost shard fails the table closed."""
         with self._lock:
+            backend = self._started()
             self._settle()
-            return self._health.call(lambda: fn(self._open()), self.recover)
+            return self._health.call(lambda: fn(backend), self.recover)
 
     @_locked  # a commit in another thread would donate the buffers under us
     def _group_array(self, group: int) -> jax.Array:
-        backend = self._open()
+        backend = self._started()
         self._health.check()
         return backend.group_array(group)
 
     def device_snapshot(self, group: int) -> np.ndarray:
-        """``i32[R, P]`` numpy copy of group ``group``'s committed device table."""
+        """``i32[max_num_reqs, P]`` numpy copy of group ``group``'s committed device table
+        (the shape of ``get_cpu_tensor()``; the device arrays hold ``layout.max_num_reqs``
+        rows, the capacity rounded up to split over the row axis, whose extra rows are
+        always padding)."""
         group = check_index(group, len(self._views), "group")
-        return self._read(lambda backend: backend.device_snapshot(group))
+        snap = self._read(lambda backend: backend.device_snapshot(group))
+        return snap if snap.shape[0] == self.max_num_reqs else snap[: self.max_num_reqs].copy()
 
     def step_snapshot(self) -> StepInputs:
         """Numpy copies of the last epoch's step inputs, gathered from every shard: token
@@ -413,7 +497,7 @@ class ShardedPageTable:
         again (``lost_kv_rows`` then names every live row).
         """
         with self._lock:
-            backend = self._open()
+            backend = self._started()
             with contextlib.suppress(ShardFailedError):
                 self._settle()  # a failure it finds is what is being recovered
             health = self._health
@@ -441,7 +525,10 @@ class ShardedPageTable:
     @_locked
     def clear(self) -> None:
         """Empty every row of every group, on the host and on every shard's devices."""
-        self._open()
+        self._check_open()
+        if not self._shards.started:  # nothing was ever published: the host is all there is
+            self._mirror.reset()
+            return
         self._health.check()
         self._mirror.reset()
         self.commit(self.max_num_reqs)
@@ -455,11 +542,11 @@ class ShardedPageTable:
         (a detached table's final shutdown); ``False`` leaves even its own running.
         """
         with self._lock:
-            if self._backend is not None:
+            if self._shards.started:
                 with contextlib.suppress(ShardFailedError, FencedError):
                     self._settle()
-            backend, self._backend = self._backend, None
-            if backend is None:
+            backend = self._shards.close()
+            if backend is None:  # never started, or closed before
                 return
             stop = backend.started_shards if stop_shards is None else stop_shards
             if self._health.fenced is not None or not stop:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..errors import RunOnShardsError
@@ -28,6 +29,13 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except Exception as exc:
         return exc
+
+
+def _joined(per_shard: Sequence[dict[jax.Device, jax.Array]]) -> list[jax.Array]:
+    """One buffer per device: the buffers every shard (in shard order) keeps there, joined
+    along the rows (on that device)."""
+    devices = dict.fromkeys(d for bufs in per_shard for d in bufs)
+    return [jnp.concatenate([bufs[d] for bufs in per_shard if d in bufs]) for d in devices]
 
 
 class LocalBackend:
@@ -87,9 +95,21 @@ class LocalBackend:
         return [_call(s.export, g) for s, g in zip(self.shards, generations, strict=True)]
 
     def group_array(self, group: int) -> jax.Array:
+        """Group ``group``'s global array over every device, assembled from the shards'
+        buffers and kept until the next change. Where several shards share a device, the
+        device's block is their rows joined in shard order (one copy per read after a
+        change); otherwise the shards' own buffers are used as they are."""
         if group not in self._arrays:
-            buffers = [buf for shard in self.shards for buf in shard.buffers(group)]
             shape = self.shards[0].devices[group].shape
+            if self.layout.shards_per_block == 1:
+                buffers = [buf for shard in self.shards for buf in shard.buffers(group)]
+            else:
+                buffers = _joined(
+                    [
+                        dict(zip(s.devices[group].devices, s.buffers(group), strict=True))
+                        for s in self.shards
+                    ]
+                )
             self._arrays[group] = assemble(shape, self.sharding, buffers)
         return self._arrays[group]
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from jax.sharding import Mesh
+import jax
+from jax.sharding import Mesh, NamedSharding
 
 from ..config import RayOptions, check_table_shape
-from ..routing.layout import ShardLayout
-from ..routing.mesh import build_mesh, row_sharding
+from ..routing.layout import ShardLayout, check_shard_count
+from ..routing.mesh import build_mesh, ordered_devices, row_sharding
 from ..routing.pools import PagePools
 from ..shard.shard import ShardSpec
 from ..shard.step import StepConfig
@@ -61,7 +62,7 @@ class ShardShape:
     """What every shard of a table is built from, whatever the backend.
 
     Args:
-      max_num_reqs: rows of the whole table.
+      max_num_reqs: rows of the whole table (as requested; the layout may round it up).
       num_shards: shards the rows split over.
       widths: pages per row of each group.
       page_sizes: tokens per page of each group.
@@ -83,31 +84,58 @@ class ShardShape:
         ]
 
 
-def start_backend(
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where a table's shards will live, decided without starting any: the layout, the
+    mesh's axis sizes, and how to start them (``start()`` returns a started backend; the
+    table calls it when it first needs its shards)."""
+
+    layout: ShardLayout
+    mesh_axes: dict[str, int]
+    start: Callable[[], Backend]
+
+
+def mesh_devices(sharding: jax.sharding.Sharding | None) -> list[jax.Device] | None:
+    """The devices a caller's ``sharding`` (``MultiGroupPageTable``'s argument) names, in
+    (process, id) order; None for none."""
+    return None if sharding is None else ordered_devices(list(sharding.device_set))
+
+
+def plan_backend(
     kind: str | Backend,
     shape: ShardShape,
     mesh: Mesh | Mapping[str, int] | None,
     row_axis: str,
     ray: RayOptions | Mapping[str, Any] | None,
-    attach: bool,
-) -> tuple[ShardLayout, dict[str, int], Backend]:
+    attach: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
+) -> ShardPlan:
     """Where the shards live: the one place that tells the backends apart. ``kind`` is
-    ``"local"``, ``"ray"``, or a started backend (with ``layout`` and ``mesh_axes``)."""
+    ``"local"``, ``"ray"``, or a started backend (with ``layout`` and ``mesh_axes``).
+
+    The row capacity is ``max_num_reqs`` rounded up to split over the row axis and the
+    shards (:meth:`ShardLayout.fit`). In-process shards take their mesh from ``mesh`` (a
+    ``Mesh`` as is; axis sizes, or None for 1-D over ``row_axis``, built over the devices of
+    ``sharding`` if given, else over every device); several may share a device. A Ray shard
+    process needs devices of its own and builds its mesh itself (``sharding`` names the
+    driver's devices and is not used)."""
     if not isinstance(kind, str):
         if kind.layout.num_shards != shape.num_shards:
             raise ValueError(
                 f"the backend has {kind.layout.num_shards} shards, the table {shape.num_shards}"
             )
-        return kind.layout, dict(kind.mesh_axes), kind
+        return ShardPlan(kind.layout, dict(kind.mesh_axes), lambda: kind)
     rows, shards = shape.max_num_reqs, shape.num_shards
     if kind == "local":
+        if isinstance(sharding, NamedSharding) and mesh is None and row_axis in sharding.mesh.shape:
+            mesh = sharding.mesh  # rows over its row axis, replicated over its others
         if mesh is None or isinstance(mesh, Mapping):
-            mesh = build_mesh(mesh, row_axis)
-        layout = ShardLayout(rows, shards, mesh.shape[row_axis])
-        backend = LocalBackend(shape.specs(layout), row_sharding(mesh, row_axis))
-        return layout, dict(mesh.shape), backend
-    from ray_actors.backend import RayBackend
-
+            mesh = build_mesh(mesh, row_axis, mesh_devices(sharding))
+        if row_axis not in mesh.shape:
+            raise ValueError(f"row_axis {row_axis!r} is not an axis of the mesh {dict(mesh.shape)}")
+        layout = ShardLayout.fit(rows, shards, mesh.shape[row_axis])
+        specs, rows_sharding = shape.specs(layout), row_sharding(mesh, row_axis)
+        return ShardPlan(layout, dict(mesh.shape), lambda: LocalBackend(specs, rows_sharding))
     options = RayOptions.from_value(ray)
     if isinstance(mesh, Mesh):
         raise ValueError(
@@ -117,5 +145,13 @@ def start_backend(
     axes = dict(mesh) if mesh else {row_axis: shards * options.devices_per_shard}
     if row_axis not in axes:
         raise ValueError(f"row_axis {row_axis!r} is not an axis of the mesh {axes}")
-    layout = ShardLayout(rows, shards, axes[row_axis])
-    return layout, axes, RayBackend(shape.specs(layout), axes, row_axis, options, attach=attach)
+    check_shard_count(shards, axes[row_axis], share=False)
+    layout = ShardLayout.fit(rows, shards, axes[row_axis])
+    specs = shape.specs(layout)
+
+    def start() -> Backend:
+        from ray_actors.backend import RayBackend  # Ray loads only when a table needs it
+
+        return RayBackend(specs, axes, row_axis, options, attach=attach)
+
+    return ShardPlan(layout, axes, start)

@@ -23,7 +23,7 @@ class GroupView(HostView):
     ) -> None:
         super().__init__(host)
         self._device_tensor = device_tensor
-        self.max_num_reqs = host.num_rows
+        self.max_num_reqs = host.usable_rows  # the table's max_num_reqs, not its capacity
         self.max_num_pages_per_req = host.capacity
         self.max_num_batched_tokens = max_num_batched_tokens
 

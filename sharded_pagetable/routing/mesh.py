@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -45,19 +46,66 @@ def row_sharding(mesh: Mesh, row_axis: str) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(row_axis, None))
 
 
+def shards_per_device(mesh: Mesh, row_axis: str, num_shards: int) -> int:
+    """How many shards each device of ``row_axis`` holds rows of: 1 when every shard has
+    devices of its own (``num_shards`` divides the axis), ``k`` when ``k`` shards share each
+    device (``num_shards = k x`` the axis; in-process shards only)."""
+    size = mesh.shape[row_axis]
+    if num_shards >= 1 and not size % num_shards:
+        return 1
+    if num_shards >= 1 and not num_shards % size:
+        return num_shards // size
+    raise ValueError(
+        f"num_shards={num_shards} must divide the {size} devices of row axis {row_axis!r} "
+        "or be a multiple of them"
+    )
+
+
 def shard_submesh(mesh: Mesh, row_axis: str, num_shards: int, shard: int) -> Mesh:
     """The part of ``mesh`` that holds shard ``shard``'s rows: its consecutive devices along
-    ``row_axis`` (``size // num_shards`` of them), every other axis whole, same axis names.
-    A shard process computes on it without touching another shard's devices."""
+    ``row_axis`` (``size // num_shards`` of them, or the one device it shares with other
+    shards), every other axis whole, same axis names. A shard computes on it without
+    touching another shard's devices."""
     size = mesh.shape[row_axis]
-    if num_shards < 1 or size % num_shards or not 0 <= shard < num_shards:
-        raise ValueError(
-            f"shard {shard} of {num_shards} does not tile the {size} devices of {row_axis!r}"
-        )
-    per = size // num_shards
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is out of range for {num_shards} shards")
+    shared = shards_per_device(mesh, row_axis, num_shards)
+    per = 1 if shared > 1 else size // num_shards
+    first = shard // shared if shared > 1 else shard * per
     axis = mesh.axis_names.index(row_axis)
-    devices = np.take(mesh.devices, range(shard * per, (shard + 1) * per), axis=axis)
+    devices = np.take(mesh.devices, range(first, first + per), axis=axis)
     return Mesh(devices, mesh.axis_names)
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``[lo, hi)`` of a ``[R, P]`` table, whole on each of ``devices``: the part of
+    the table a shard that shares its devices with other shards keeps in buffers of its
+    own. It answers the one question :class:`~sharded_pagetable.rows.device.DeviceRows`
+    asks of a sharding (which rows each device holds); the table's global array is
+    assembled from the buffers of every shard on a device when it is read."""
+
+    devices: tuple[jax.Device, ...]
+    lo: int
+    hi: int
+
+    def addressable_devices_indices_map(self, shape: tuple[int, ...]) -> dict:
+        rows = slice(self.lo, self.hi)
+        return {d: (rows, slice(0, shape[1])) for d in self.devices}
+
+
+def shard_rows_sharding(
+    sharding: NamedSharding, layout: ShardLayout, shard: int
+) -> NamedSharding | RowBlock:
+    """Where shard ``shard`` keeps its rows: the table's row ``sharding`` when the shard
+    owns whole device blocks, else a :class:`RowBlock` of its rows on the devices of the
+    block it shares (every replica along the other mesh axes)."""
+    if layout.shards_per_block == 1:
+        return sharding
+    mesh, row_axis = sharding.mesh, sharding.spec[0]
+    sub = shard_submesh(mesh, row_axis, layout.num_shards, shard)
+    rows = layout.shard_rows(shard)
+    return RowBlock(tuple(sub.devices.flat), rows.start, rows.stop)
 
 
 def check_ownership(
@@ -72,6 +120,12 @@ def check_ownership(
     for block in range(layout.num_blocks):
         shard = layout.shard_of_block(block)
         want = shard_process[shard]
+        for other in layout.shards_of_block(block):  # shards sharing it share its process
+            if shard_process[other] != want:
+                raise ValueError(
+                    f"mesh refused: row block {block} holds rows of shards {shard} and "
+                    f"{other}, in processes {want} and {shard_process[other]}"
+                )
         for device in devs[block]:
             if device.process_index != want:
                 raise ValueError(

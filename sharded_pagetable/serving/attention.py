@@ -7,7 +7,10 @@ sharded ``P(row_axis, None, None, None)``. Shard ``s`` owns the pool of global p
 rows point only into that pool (``ShardedPageTable(..., pages_per_shard=...)`` enforces it).
 Both functions run one SPMD program over ``shard_mesh(mesh, row_axis, S)``; whatever a
 device needs from its shard's other devices is all-gathered over ``"_local"`` only, so no KV
-byte crosses a shard (a host).
+byte crosses a shard (a host). With several in-process shards per device (``S = k x D``)
+they run over the caller's mesh: a device attends for each of its ``k`` shards through that
+shard's pool, and writes its shards' K/V into its own pages (a slot outside the device's
+pools, rather than outside its token's own pool, is what is dropped there).
 
 ``paged_attention`` is a vectorised, jittable equivalent of
 ``jax.experimental.pallas.ops.tpu.ragged_paged_attention.kernel.ref_ragged_paged_attention``
@@ -26,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..routing.mesh import LOCAL_AXIS, ROWS, SHARD_AXIS, shard_mesh
+from ..routing.mesh import LOCAL_AXIS, ROWS, SHARD_AXIS, shard_mesh, shards_per_device
 from ..shard.step_inputs import StepInputs
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # ref_ragged_paged_attention's default
@@ -74,7 +77,7 @@ def _check_pools(kv: jax.Array, mesh: Mesh, row_axis: str, num_shards: int) -> i
     num_pages = kv.shape[0]
     if num_pages % mesh.shape[row_axis]:
         raise ValueError(f"{num_pages} pages do not divide over {mesh.shape[row_axis]} devices")
-    shard_mesh(mesh, row_axis, num_shards)  # checks num_shards against the row axis
+    shards_per_device(mesh, row_axis, num_shards)  # checks num_shards against the row axis
     return num_pages // num_shards
 
 
@@ -142,6 +145,9 @@ def write_kv(
     """
     mesh = _mesh_of(kv, row_axis)
     pages_per_shard = _check_pools(kv, mesh, row_axis, num_shards)
+    shared = shards_per_device(mesh, row_axis, num_shards)
+    if shared > 1:  # the shards of a device write as one: its pages are their pools
+        num_shards, pages_per_shard = num_shards // shared, pages_per_shard * shared
     want = (slot_mapping.shape[0], kv.shape[2] // 2, kv.shape[3])
     for what, arr in (("k_new", k_new), ("v_new", v_new)):
         if tuple(arr.shape) != want:
@@ -152,21 +158,52 @@ def write_kv(
     return fn(kv, k_new, v_new, slot_mapping, token_rows)
 
 
+def _local_pages(table, shard, pages_per_shard: int):
+    """``table``'s global page ids as indices into shard ``shard``'s pool (tails: 0)."""
+    pages = table - shard * pages_per_shard  # i32[Rs, P] local page indices
+    return jnp.where((pages >= 0) & (pages < pages_per_shard), pages, 0)
+
+
 def _attention_block(
     queries, kv, table, kv_lens, cu_q_lens, *, pages_per_shard: int, sm_scale: float, local_n: int
 ):
     """Body: attention of this device's tokens, read through its shard's local pages."""
-    tokens, q_heads, dim = queries.shape  # this device's slice of the shard's token block
-    _, page_size, combined, _ = kv.shape
-    kv_heads = combined // 2
     shard = jax.lax.axis_index(SHARD_AXIS)
-    local = jax.lax.axis_index(LOCAL_AXIS)
     gather = _local_gather(local_n)
     pool = gather(kv)  # f32[pages_per_shard, page_size, 2 * kv_heads, dim]
-    pages = gather(table) - shard * pages_per_shard  # i32[Rs, P] local page indices
-    pages = jnp.where((pages >= 0) & (pages < pages_per_shard), pages, 0)  # tails: masked
-    kv_lens = gather(kv_lens)  # i32[Rs]
-    cu = cu_q_lens[0]  # i32[Rs + 1]
+    pages = _local_pages(gather(table), shard, pages_per_shard)
+    local = jax.lax.axis_index(LOCAL_AXIS)
+    return _attend(queries, pool, pages, gather(kv_lens), cu_q_lens[0], local, sm_scale)
+
+
+def _shared_attention_block(
+    queries, kv, table, kv_lens, cu_q_lens, *, row_axis: str, per_device: int, **static
+):
+    """Body when ``per_device`` shards share each device: each shard's attention through
+    its own pool (on its device, no collective), side by side in shard order."""
+    pages_per_shard, sm_scale = static["pages_per_shard"], static["sm_scale"]
+    first = jax.lax.axis_index(row_axis) * per_device
+
+    def split(x):
+        return x.reshape(per_device, -1, *x.shape[1:])
+
+    def one(shard, q, pool, table_s, kv_lens_s, cu):
+        pages = _local_pages(table_s, shard, pages_per_shard)
+        return _attend(q, pool, pages, kv_lens_s, cu, 0, sm_scale)
+
+    shards = first + jnp.arange(per_device, dtype=jnp.int32)
+    args = (split(queries), split(kv), split(table), split(kv_lens), cu_q_lens)
+    out = jax.vmap(one)(shards, *args)
+    return out.reshape(-1, *out.shape[2:])
+
+
+def _attend(queries, pool, pages, kv_lens, cu, local, sm_scale: float):
+    """Attention of one device's slice (``local``) of a shard's token block, through the
+    shard's whole ``pool`` (``pages``: its rows' local page indices, ``i32[Rs, P]``;
+    ``kv_lens`` ``i32[Rs]``; ``cu`` ``i32[Rs + 1]``)."""
+    tokens, q_heads, dim = queries.shape  # this device's slice of the shard's token block
+    _, page_size, combined, _ = pool.shape
+    kv_heads = combined // 2
     rows_per_shard = kv_lens.shape[0]
 
     tok = local * tokens + jnp.arange(tokens, dtype=jnp.int32)  # i32[Tl] slot in shard block
@@ -192,6 +229,29 @@ def _attention_block(
 def _compiled_attention(
     mesh: Mesh, row_axis: str, num_shards: int, pages_per_shard: int, sm_scale: float
 ):
+    out = NamedSharding(mesh, P(row_axis, None, None))
+    shared = shards_per_device(mesh, row_axis, num_shards)
+    if shared > 1:
+        body = functools.partial(
+            _shared_attention_block,
+            row_axis=row_axis,
+            per_device=shared,
+            pages_per_shard=pages_per_shard,
+            sm_scale=sm_scale,
+        )
+        mapped = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=(
+                P(row_axis, None, None),
+                P(row_axis, None, None, None),
+                P(row_axis, None),
+                P(row_axis),
+                P(row_axis, None),
+            ),
+            out_specs=P(row_axis, None, None),
+        )
+        return jax.jit(mapped, out_shardings=out)
     dmesh = shard_mesh(mesh, row_axis, num_shards)
     tokens = P((SHARD_AXIS, LOCAL_AXIS), None, None)
     mapped = jax.shard_map(
@@ -211,7 +271,7 @@ def _compiled_attention(
         ),
         out_specs=tokens,
     )
-    return jax.jit(mapped, out_shardings=NamedSharding(mesh, P(row_axis, None, None)))
+    return jax.jit(mapped, out_shardings=out)
 
 
 def paged_attention(

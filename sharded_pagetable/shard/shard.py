@@ -27,6 +27,7 @@ from ..constants import (
 )
 from ..errors import FencedError, WireFormatError
 from ..routing.layout import ShardLayout
+from ..routing.mesh import shard_rows_sharding
 from ..rows import checksum, kernels
 from ..rows.checksum import GroupConsts, segment_index
 from ..rows.device import DeviceRows, GroupUpdate, assemble, update_groups, warmup_groups
@@ -129,10 +130,12 @@ class Shard:
         self.generation = 0  # the coordinator this shard obeys (see fence)
         self._applied: ShardBatch | bytes | None = None  # the message of this epoch
         self._undo: _Undo | None = None
+        # Its own device blocks, or (shards sharing a device) buffers of its own rows there.
+        own = shard_rows_sharding(sharding, layout, spec.shard_id)
         self.devices = [
             # The fused update below is what commits use; the per-group one (blocks with
             # more changed cells than the largest bucket) compiles on first use.
-            DeviceRows((layout.max_num_reqs, w), sharding, table, self.lo, self.hi, warmup=False)
+            DeviceRows((layout.max_num_reqs, w), own, table, self.lo, self.hi, warmup=False)
             for w, table in zip(spec.widths, self.tables, strict=True)
         ]
         self.step = None

@@ -14,6 +14,13 @@ table byte crosses a host.
 Both meshes tile the devices the same way, so ``jit`` takes inputs on the caller's mesh and
 returns outputs on it without moving data (checked in the compiled HLO: the only
 collectives are the ``"_local"`` all-gather and reduce-scatter).
+
+In-process shards may outnumber the devices of the row axis (``S = k x D``, e.g. four
+shards on one device): each device then holds ``k`` whole shards, and the build computes
+each shard's part on its device (no collective), side by side in shard order. The result
+is the same, value for value and in the same places of the global arrays, as with a device
+per shard; only ``cu_q_lens`` is laid out over the caller's mesh (``P(row_axis, None)``:
+each device holds its shards' offsets) instead of over ``shard_mesh``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..constants import SLOT_MAPPING_PADDING_VAL
-from ..routing.mesh import LOCAL_AXIS, ROWS, SHARD_AXIS, shard_mesh
+from ..routing.mesh import LOCAL_AXIS, ROWS, SHARD_AXIS, shard_mesh, shards_per_device
 
 
 class StepInputs(NamedTuple):
@@ -37,7 +44,9 @@ class StepInputs(NamedTuple):
     On the device path every field is a global ``jax.Array``: the token and row fields are
     sharded ``NamedSharding(mesh, P(row_axis))`` on the caller's mesh; ``cu_q_lens`` lives
     on ``shard_mesh(mesh, row_axis, S)`` sharded ``P("_shard", None)`` (each shard's devices
-    hold their shard's offsets). ``step_inputs_reference`` returns the same fields in numpy.
+    hold their shard's offsets; with several shards per device, on the caller's mesh
+    sharded ``P(row_axis, None)``). ``step_inputs_reference`` returns the same fields in
+    numpy.
     """
 
     token_rows: jax.Array  # i32[T] global row of each token slot, -1 at padding
@@ -51,16 +60,58 @@ def _shard_block(
     tables: tuple[jax.Array, ...],  # per group i32[Rb, P_g]: this device's rows
     sched: jax.Array,  # i32[Rb]
     done: jax.Array,  # i32[Rb]
+    **static,
+):
+    """Body of the shard_map: one device's slice of its shard's step inputs."""
+    shard = jax.lax.axis_index(SHARD_AXIS)
+    local = jax.lax.axis_index(LOCAL_AXIS)
+    return _shard_part(tables, sched, done, shard, local, jax.lax.axis_size(LOCAL_AXIS), **static)
+
+
+def _shared_block(
+    tables: tuple[jax.Array, ...],  # per group i32[k * Rs, P_g]: this device's k shards' rows
+    sched: jax.Array,  # i32[k * Rs]
+    done: jax.Array,  # i32[k * Rs]
+    *,
+    row_axis: str,
+    per_device: int,
+    **static,
+):
+    """Body of the shard_map when ``per_device`` shards share each device of the row axis:
+    each shard's inputs (a shard on one device needs no collective), side by side in shard
+    order, as the shards' own token blocks and rows lie on the device."""
+    first = jax.lax.axis_index(row_axis) * per_device
+
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(per_device, -1, *x.shape[1:])
+
+    def flat(x: jax.Array) -> jax.Array:
+        return x.reshape(-1, *x.shape[2:])
+
+    def one(shard, tables_s, sched_s, done_s):
+        return _shard_part(tables_s, sched_s, done_s, shard, 0, 1, **static)
+
+    shards = first + jnp.arange(per_device, dtype=jnp.int32)
+    rows, pos, slots, kv_lens, cu = jax.vmap(one)(
+        shards, tuple(split(t) for t in tables), split(sched), split(done)
+    )
+    return flat(rows), flat(pos), tuple(map(flat, slots)), flat(kv_lens), flat(cu)
+
+
+def _shard_part(
+    tables: tuple[jax.Array, ...],  # per group i32[Rb, P_g]: this device's rows
+    sched: jax.Array,  # i32[Rb]
+    done: jax.Array,  # i32[Rb]
+    shard: jax.Array,  # this shard's index
+    local: jax.Array | int,  # this device's index among the shard's devices
+    num_local: int,  # the shard's devices
     *,
     page_sizes: tuple[int, ...],
     tokens_per_shard: int,
     row_offset: int,
 ):
-    """Body of the shard_map: one device's slice of its shard's step inputs."""
+    """This device's slice of shard ``shard``'s step inputs."""
     rows_per_device = sched.shape[0]
-    shard = jax.lax.axis_index(SHARD_AXIS)
-    local = jax.lax.axis_index(LOCAL_AXIS)
-    num_local = jax.lax.axis_size(LOCAL_AXIS)
     tokens_per_device = tokens_per_shard // num_local
     # With one device per shard the body holds no collective at all: a survivable job's
     # replaced process can run none on CPU (see serving/kv_transfer).
@@ -106,14 +157,29 @@ def _compiled(
     row_offset: int,
 ):
     """One jitted build per static config; jit itself caches per input shape."""
-    dmesh = shard_mesh(mesh, row_axis, num_shards)
     groups = len(page_sizes)
-    body = functools.partial(
-        _shard_block,
-        page_sizes=page_sizes,
-        tokens_per_shard=tokens_per_shard,
-        row_offset=row_offset,
-    )
+    static = {
+        "page_sizes": page_sizes,
+        "tokens_per_shard": tokens_per_shard,
+        "row_offset": row_offset,
+    }
+    rows = NamedSharding(mesh, P(row_axis))
+    table_sharding = NamedSharding(mesh, P(row_axis, None))
+    shared = shards_per_device(mesh, row_axis, num_shards)
+    if shared > 1:  # several shards on each device: each shard's part, on its device
+        body = functools.partial(_shared_block, row_axis=row_axis, per_device=shared, **static)
+        flat, offsets = P(row_axis), P(row_axis, None)
+        mapped = jax.shard_map(
+            body,
+            mesh=mesh,
+            in_specs=((offsets,) * groups, flat, flat),
+            out_specs=(flat, flat, (flat,) * groups, flat, offsets),
+        )
+        out = (rows, rows, (rows,) * groups, rows, table_sharding)
+        in_shardings = ((table_sharding,) * groups, rows, rows)
+        return jax.jit(mapped, in_shardings=in_shardings, out_shardings=out)
+    dmesh = shard_mesh(mesh, row_axis, num_shards)
+    body = functools.partial(_shard_block, **static)
     rows_2d = P((SHARD_AXIS, LOCAL_AXIS), None)
     offsets_axes = SHARD_AXIS if dmesh.shape[LOCAL_AXIS] > 1 else (SHARD_AXIS, LOCAL_AXIS)
     mapped = jax.shard_map(
@@ -124,8 +190,6 @@ def _compiled(
         # the body free of the gather that would make them invariant.
         out_specs=(ROWS, ROWS, (ROWS,) * groups, ROWS, P(offsets_axes, None)),
     )
-    rows = NamedSharding(mesh, P(row_axis))
-    table_sharding = NamedSharding(mesh, P(row_axis, None))
     out = (rows, rows, (rows,) * groups, rows, NamedSharding(dmesh, P(SHARD_AXIS, None)))
     return jax.jit(mapped, in_shardings=((table_sharding,) * groups, rows, rows), out_shardings=out)
 
@@ -165,8 +229,8 @@ def build_step_inputs(
     page_sizes = tuple(int(s) for s in page_sizes)
     if len(tables) != len(page_sizes):
         raise ValueError(f"{len(tables)} tables for page_sizes {list(page_sizes)}")
-    dmesh = shard_mesh(mesh, row_axis, num_shards)
-    num_local = dmesh.shape[LOCAL_AXIS]
+    shared = shards_per_device(mesh, row_axis, num_shards)
+    num_local = 1 if shared > 1 else shard_mesh(mesh, row_axis, num_shards).shape[LOCAL_AXIS]
     num_rows = tables[0].shape[0]
     if num_rows % mesh.shape[row_axis]:
         raise ValueError(f"{num_rows} rows do not divide over {mesh.shape[row_axis]} devices")

@@ -52,10 +52,14 @@ class HostRows:
     Invariant: ``table[r, counts[r]:]`` is ``PAGE_TABLE_PADDING_VAL`` for every row.
     ``state[r]`` is ``CLEAN``, ``APPENDED`` (only pages added since the row was last
     published, so its published prefix still holds) or ``REWRITTEN`` (anything else).
-    ``cpu_version`` grows with every write that can change ``table`` or ``counts`` (never
-    for a refused call, a commit, or a move or swap of a row with itself): equal versions
-    mean an unchanged host table, so callers may cache views derived from it (EasyDeL's
-    eSurge runner does).
+    ``cpu_version`` goes up with every call that changes ``table`` or ``counts``, and
+    only then: a refused call, a commit, a read, or a write that leaves every value as
+    it was (clearing an empty row, rewriting a row with the pages it holds, a move or swap
+    between equal rows) keeps it. Equal versions mean an equal host table, so callers may
+    cache views derived from it (EasyDeL's eSurge runner does).
+
+    Rows at or past ``usable_rows`` (``limit_rows``) are capacity a sharded layout rounded
+    up to: ``check_row`` refuses them, so they stay empty.
 
     With ``consts`` (the sharded coordinator) it also keeps what recovery and checksums need:
     the published pages of a row, saved the first time the row is rewritten after a commit,
@@ -89,14 +93,25 @@ class HostRows:
         self.terms = np.zeros(num_rows, np.uint64) if consts is not None else None  # u64[R]
         self._saved: dict[int, np.ndarray] | None = {} if consts is not None else None
         self._copies: dict[int, int] = {}  # destination page -> source page, until published
-        self.cpu_version = 0  # bumped after each write below, once it has happened
+        self.cpu_version = 0  # bumped after each write below that changed a value
+        self.usable_rows = num_rows  # rows callers may name (see limit_rows)
+
+    def limit_rows(self, usable_rows: int) -> None:
+        """Let callers name only rows ``[0, usable_rows)``: a table whose row capacity was
+        rounded up (``ShardLayout.fit``) refuses the rest exactly as a table of
+        ``usable_rows`` rows would. Call it before any row holds pages."""
+        if not 1 <= usable_rows <= self.num_rows:
+            raise ValueError(f"usable_rows must be in 1..{self.num_rows}, got {usable_rows}")
+        if self.counts[usable_rows:].any():
+            raise ValueError(f"rows at or past {usable_rows} hold pages already")
+        self.usable_rows = usable_rows
 
     # -- checks (no state change) ------------------------------------------------------
 
     def check_row(self, row: object, what: str = "row") -> int:
-        if type(row) is int and 0 <= row < self.num_rows:
+        if type(row) is int and 0 <= row < self.usable_rows:
             return row
-        return check_index(row, self.num_rows, what)
+        return check_index(row, self.usable_rows, what)
 
     def check_ids(self, page_ids: object) -> PageIds:
         """Validated page ids, always a copy read once from ``page_ids``: a list when they
@@ -157,7 +172,14 @@ class HostRows:
                 self._state[row] = APPENDED
             self.cpu_version += 1
 
+    def _holds(self, row: int, ids: PageIds) -> bool:
+        """Whether ``row`` holds exactly ``ids`` (a rewrite with them changes nothing)."""
+        n = len(ids)
+        return self.counts.item(row) == n and (n == 0 or bool((self.table[row, :n] == ids).all()))
+
     def replace(self, row: int, ids: PageIds) -> None:
+        if self._holds(row, ids):
+            return
         self._rewrite(row)
         n, old = len(ids), self.counts.item(row)
         self.table[row, :n] = ids
@@ -167,13 +189,19 @@ class HostRows:
         self.cpu_version += 1
 
     def clear_row(self, row: int) -> None:
+        if not self.counts.item(row):
+            return  # already empty (and marked rewritten if it was published non-empty)
         self._rewrite(row)
         self.table[row, : self.counts.item(row)] = PAGE_TABLE_PADDING_VAL
         self.counts[row] = 0
         self.cpu_version += 1
 
+    def _same_rows(self, a: int, b: int) -> bool:
+        n = self.counts.item(a)
+        return n == self.counts.item(b) and bool((self.table[a, :n] == self.table[b, :n]).all())
+
     def copy_row(self, src: int, tgt: int) -> None:
-        if src == tgt:
+        if src == tgt or self._same_rows(src, tgt):
             return
         self._rewrite(tgt)
         n, old = self.counts.item(src), self.counts.item(tgt)
@@ -184,7 +212,7 @@ class HostRows:
         self.cpu_version += 1
 
     def swap_rows(self, a: int, b: int) -> None:
-        if a == b:
+        if a == b or self._same_rows(a, b):
             return
         self._rewrite(a)
         self._rewrite(b)
@@ -199,12 +227,13 @@ class HostRows:
 
     def reset(self) -> None:
         """Empty every row; what was published stays published until the next commit."""
+        changed = bool(self.counts.any())  # rows are padded past their counts
         for row in np.flatnonzero(self.published).tolist():
             self._rewrite(row)
         self.table.fill(PAGE_TABLE_PADDING_VAL)
         self.counts.fill(0)
         self.state[self.published == 0] = CLEAN
-        self.cpu_version += 1
+        self.cpu_version += changed
 
     # -- publication ---------------------------------------------------------------------
 
@@ -332,7 +361,7 @@ class HostRows:
         self.table[r, c] = batch.pages
         self.counts[rows] = batch.count
         self.published[rows] = batch.count
-        self.cpu_version += 1
+        self.cpu_version += bool(batch.count.any())
         if self.terms is not None:
             glob = GroupBatch(
                 batch.op, rows.astype(np.int32), batch.start, batch.count, batch.pages
@@ -350,22 +379,29 @@ class HostView:
 
     def __init__(self, host: HostRows) -> None:
         self._host = host
+        rows = host.usable_rows  # live views of the rows callers may name
+        whole = rows == host.num_rows
+        self._table = host.table if whole else host.table[:rows]
+        self._counts = host.counts if whole else host.counts[:rows]
 
     @property
     def page_table_cpu(self) -> np.ndarray:  # i32[R, P]
-        return self._host.table
+        return self._table
 
     @property
     def num_pages_per_row(self) -> np.ndarray:  # i32[R]
-        return self._host.counts
+        return self._counts
 
     @property
     def cpu_version(self) -> int:
-        """Grows with every change to the host table (not with commits or refused calls);
-        equal values mean an unchanged :meth:`get_cpu_tensor`, so views derived from it may
-        be cached on it, as EasyDeL's eSurge runner does."""
+        """Goes up with every row operation that changes the host table or a row's count,
+        and only then (never for a commit, a read, a refused call, or an operation
+        that leaves every value as it was). Equal values mean an equal
+        :meth:`get_cpu_tensor` and ``num_pages_per_row``, so views derived from them may be
+        cached on it, as EasyDeL's eSurge runner does; compare it for equality only (how
+        far it moves per call is not EasyDeL's: its ``add_row`` moves it by two)."""
         return self._host.cpu_version
 
     def get_cpu_tensor(self) -> np.ndarray:
         """The live host table ``i32[R, P]``."""
-        return self._host.table
+        return self._table

@@ -134,9 +134,10 @@ class MultiGroupRowOps:
         """``i32[max_num_batched_tokens]`` slots of the scheduled tokens in ``group``, from
         the host table (see :mod:`sharded_pagetable.table.slot_mapping`)."""
         host = self._hosts[check_index(group, len(self._hosts), "group")]
+        rows = host.usable_rows  # a row past them is refused as on a table of that many
         return compute_slot_mapping(
-            host.table,
-            host.counts,
+            host.table[:rows],
+            host.counts[:rows],
             self.page_sizes[int(group)],
             req_indices,
             positions,
