@@ -71,6 +71,7 @@ _CHUNK = 1 << 16  # a read asks for at least this much: a whole frame comes in o
 _SEQ = struct.Struct("<Q")
 _TO_SERVER, _TO_CLIENT = b"c", b"s"
 _HELLO = len(MAGIC) + NONCE_BYTES
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # 0 where the platform has no such flag
 _CHALLENGE = len(MAGIC) + NONCE_BYTES + TAG_BYTES
 
 
@@ -166,10 +167,39 @@ class _Stream:
             have += got
         return out
 
+    def recv_idle(self) -> bytes:
+        """The next bytes to arrive, waiting as long as it takes, unbuffered (call only
+        with nothing buffered: :attr:`buffered`)."""
+        if self.sock.gettimeout() is not None:
+            self.sock.settimeout(None)
+        chunk = self.sock.recv(_CHUNK)
+        if not chunk:
+            raise ChannelClosedError("connection closed by peer")
+        return chunk
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def unread(self, data: bytes) -> None:
+        """Buffer ``data`` (bytes :meth:`recv_idle` returned) for the next reads."""
+        self._buf += data
+
     def send(self, *parts: bytes, timeout_s: float) -> None:
+        data = b"".join(parts) if sum(map(len, parts)) <= _CHUNK else None
+        if data is not None and _DONTWAIT and self.sock.gettimeout() is None:
+            # A blocking socket (an idle server) takes a small frame in one send that cannot
+            # block: two system calls fewer than arming the timeout for sendall.
+            try:
+                sent = self.sock.send(data, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
         self.sock.settimeout(timeout_s)
-        if sum(map(len, parts)) <= _CHUNK:
-            self.sock.sendall(b"".join(parts))  # one segment for a small frame
+        if data is not None:
+            self.sock.sendall(data)  # one segment for a small frame
         else:
             for part in parts:  # no copy of a large payload
                 self.sock.sendall(part)
@@ -180,7 +210,10 @@ class _Framer:
 
     def __init__(self, stream: _Stream, key: bytes, send_dir: bytes, recv_dir: bytes) -> None:
         self._stream = stream
-        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+        keyed = hmac.new(key, digestmod=hashlib.sha256)
+        # OpenSSL's HMAC object under hmac.HMAC when there is one (CPython 3.11+ with
+        # OpenSSL): the same copy/update/digest without a Python frame around each call.
+        self._keyed = getattr(keyed, "_hmac", None) or keyed
         self._send_dir, self._recv_dir = send_dir, recv_dir
         self._send_seq = 0
         self._recv_seq = 0
@@ -205,11 +238,26 @@ class _Framer:
     def recv_after_idle(self, max_bytes: int, frame_timeout_s: float) -> bytes:
         """The next verified payload: waits for its first byte as long as it takes, then
         wants the rest within ``frame_timeout_s``."""
-        first = self._stream.read(1, None)
+        stream = self._stream
+        if not stream.buffered:
+            chunk = stream.recv_idle()
+            # The usual case: one read brought exactly one whole frame (a commit's frame is
+            # a few KiB), verified here without going through the read buffer.
+            if len(chunk) >= _HEADER.size + TAG_BYTES:
+                (size,) = _HEADER.unpack_from(chunk)
+                if size <= max_bytes and len(chunk) == _HEADER.size + size + TAG_BYTES:
+                    view = memoryview(chunk)
+                    return self._verified(view[_HEADER.size : -TAG_BYTES], view[-TAG_BYTES:])
+            stream.unread(chunk)
+        first = stream.read(1, None)
         deadline = time.monotonic() + frame_timeout_s
-        return self._recv(
-            max_bytes, first + self._stream.read(_HEADER.size - 1, deadline), deadline
-        )
+        return self._recv(max_bytes, first + stream.read(_HEADER.size - 1, deadline), deadline)
+
+    def _verified(self, payload: memoryview, tag: memoryview) -> bytes:
+        if not hmac.compare_digest(tag, self._tag(self._recv_dir, self._recv_seq, payload)):
+            raise WireFormatError(f"frame {self._recv_seq} failed its MAC")
+        self._recv_seq += 1
+        return payload.tobytes()
 
     def _recv(self, max_bytes: int, header: bytes, deadline: float) -> bytes:
         (size,) = _HEADER.unpack(header)
@@ -217,11 +265,7 @@ class _Framer:
             raise WireFormatError(f"frame of {size} bytes exceeds the limit {max_bytes}")
         data = self._stream.read(size + TAG_BYTES, deadline)
         view = memoryview(data)
-        payload, tag = view[:size], bytes(view[size:])
-        if not hmac.compare_digest(tag, self._tag(self._recv_dir, self._recv_seq, payload)):
-            raise WireFormatError(f"frame {self._recv_seq} failed its MAC")
-        self._recv_seq += 1
-        return payload.tobytes()
+        return self._verified(view[:size], view[size:])
 
 
 class ShardServer:

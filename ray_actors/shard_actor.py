@@ -137,6 +137,44 @@ class JaxService:
             jax.distributed.shutdown()
 
 
+def refusal(shard_id: int, exc: Exception) -> Any:
+    """The :class:`~sharded_pagetable.rows.messages.Refusal` a shard answers ``exc`` with."""
+    from sharded_pagetable.errors import FencedError, WireFormatError
+    from sharded_pagetable.rows.messages import Refusal
+
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, FencedError):
+        return Refusal(shard_id, "fenced", text, exc.holder)
+    return Refusal(shard_id, "wire" if isinstance(exc, WireFormatError) else "error", text)
+
+
+class FrameHandler:
+    """What a shard process does with one commit frame, wherever it comes from (its channel,
+    or the actor's ``apply``): the shard applies it under ``lock``, and the answer is its
+    ack or a refusal saying why, in the wire format. The wall time of each call goes to
+    ``seconds``. ``scripts/bench_frame.py`` times this same object."""
+
+    def __init__(self, shard: Any, lock: threading.Lock, seconds: deque[float]) -> None:
+        from sharded_pagetable.shard.wire import encode_reply
+
+        self._apply = shard.apply
+        self._shard_id = shard.spec.shard_id
+        self._lock = lock
+        self._seconds = seconds
+        self._encode = encode_reply
+
+    def __call__(self, request: bytes) -> bytes:
+        t0 = time.perf_counter()
+        with self._lock:
+            try:
+                result = self._apply(request)
+            except Exception as exc:
+                result = refusal(self._shard_id, exc)
+        reply = self._encode(result)
+        self._seconds.append(time.perf_counter() - t0)
+        return reply
+
+
 class ShardActor:
     """Hosts a :class:`sharded_pagetable.shard.Shard`; wrapped with ``ray.remote`` by the
     backend so resources and placement are chosen at creation time."""
@@ -159,6 +197,7 @@ class ShardActor:
         self._server = None
         self._kv = None  # the KV channel of a survivable job (ray_actors.kv_peer)
         self._apply_s: deque[float] = deque(maxlen=4096)
+        self._frames: FrameHandler | None = None  # the shard's commit frames (see start)
 
     def node_address(self) -> str:
         """``ip:port`` on this node for the JAX coordination service (called on shard 0)."""
@@ -209,10 +248,11 @@ class ShardActor:
         owners = {s: s + job.first_shard_process for s in range(layout.num_shards)}
         check_ownership(mesh, row_axis, layout, owners)
         self._shard = Shard(spec, row_sharding(mesh, row_axis))
+        self._frames = FrameHandler(self._shard, self._lock, self._apply_s)
         node_ip = ray.util.get_node_ip_address()
         self._key = key
         self._server = ShardServer(
-            node_ip, key.secret, self._serve_frame, self._shard.limits.max_bytes + 64
+            node_ip, key.secret, self._frames, self._shard.limits.max_bytes + 64
         )
         if kv_secret is not None:
             from sharded_pagetable.serving import kv_transfer
@@ -236,9 +276,6 @@ class ShardActor:
         }
         return self._where
 
-    def _serve_frame(self, request: bytes) -> bytes:
-        return self.apply(request)
-
     def _reply(self, fn: Callable[..., Any], *args: Any) -> bytes:
         """``fn(*args)`` on the shard under the lock, answered in the wire format: its ack,
         or a refusal saying why (the driver decides what a refusal means)."""
@@ -252,19 +289,12 @@ class ShardActor:
         return encode_reply(result)
 
     def _refusal(self, exc: Exception):
-        from sharded_pagetable.errors import FencedError, WireFormatError
-        from sharded_pagetable.rows.messages import Refusal
-
-        text = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, FencedError):
-            return Refusal(self.shard_id, "fenced", text, exc.holder)
-        return Refusal(self.shard_id, "wire" if isinstance(exc, WireFormatError) else "error", text)
+        return refusal(self.shard_id, exc)
 
     def apply(self, message: bytes) -> bytes:
-        t0 = time.perf_counter()
-        reply = self._reply(self._shard.apply, message)
-        self._apply_s.append(time.perf_counter() - t0)
-        return reply
+        if self._frames is None:
+            raise RuntimeError(f"shard actor {self.shard_id} holds no shard (start it first)")
+        return self._frames(message)
 
     def apply_seconds(self) -> list[float]:
         """Wall time of the recent ``apply`` calls inside this process (for benchmarks)."""
@@ -368,7 +398,7 @@ class ShardActor:
 
             kv_transfer.install(None)
             self._kv.close()
-        self._shard = None
+        self._shard = self._frames = None
         if self._joined:
             self._joined = False
             jax.distributed.shutdown()

@@ -50,6 +50,21 @@ def _put_cells_groups(bufs: tuple, rcv: jax.Array, ks: jax.Array) -> tuple:
     return tuple(_put_cells_loop(buf, rcv[g], ks[g]) for g, buf in enumerate(bufs))
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_packed(bufs: tuple, packed: jax.Array) -> tuple:
+    # What _put_cells_groups does, from one array: packed i32[G + 3 G K] holds the G counts,
+    # then each group's rows, columns and values (K each), as the shard's compiled apply
+    # writes them (shard/frame.py). The dispatch itself costs the same as with two host
+    # arguments (scripts/bench_frame.py --device-options): ~60-130 us of CPU each at commit
+    # cadence on 2 cores, against 12-20 us back to back.
+    n = len(bufs)
+    k = (packed.shape[0] - n) // (3 * n)
+    return tuple(
+        _put_cells_loop(buf, packed[n + 3 * g * k : n + 3 * (g + 1) * k].reshape(3, k), packed[g])
+        for g, buf in enumerate(bufs)
+    )
+
+
 def cell_bucket(n: int) -> int:
     return next(b for b in CELL_BUCKETS if b >= n)
 
@@ -137,6 +152,15 @@ class DeviceRows:
         self._starts = np.array(sorted(self._replicas), dtype=np.int64)
         self.block_rows = next(iter(blocks.values()))[1] - next(iter(blocks.values()))[0]
         self._buckets = bucket_sizes(self.block_rows)
+        # (rows per block, blocks, cell buckets) when the blocks tile [lo, hi) in order from
+        # lo, the layout a shard's compiled apply packs for; else None (no packed updates).
+        tiled = self._starts.tolist() == list(range(lo, hi, self.block_rows))
+        self._block_devices = [self._replicas[start] for start in self._starts.tolist()]
+        self.packing = (
+            (self.block_rows, len(self._starts), np.array(CELL_BUCKETS, np.int64))
+            if tiled
+            else None
+        )
         self._buffers: dict[jax.Device, jax.Array] = {}
         self.reset(host)
         if warmup:
@@ -277,6 +301,7 @@ def update_groups(groups: Sequence[DeviceRows], updates: Sequence[GroupUpdate | 
     All groups must cover the same rows with the same sharding.
     """
     first = groups[0]
+    n = len(groups)
     # Per group: cell cut points per block (or None when the group has nothing to send).
     cuts = [None if u is None or u.rows.size == 0 else first._cuts(u.cells[0]) for u in updates]
     for b, start in enumerate(first._starts.tolist()):
@@ -291,29 +316,46 @@ def update_groups(groups: Sequence[DeviceRows], updates: Sequence[GroupUpdate | 
                     rows, cols = u.cells
                     groups[g].update_cells(rows[ci:cj], cols[ci:cj], u.source, u.whole_below)
             continue
-        rcv = np.zeros((len(groups), 3, cell_bucket(max(sizes))), dtype=np.int32)
+        k = cell_bucket(max(sizes))
+        packed = np.zeros(n + 3 * n * k, dtype=np.int32)
+        packed[:n] = sizes
         for g, u in enumerate(updates):
             if sizes[g]:
-                kernels.pack_cells(rcv[g], u.cells, u.source, groups[g].lo, start, spans[g])
-        ks = np.array(sizes, dtype=np.int32)
-        for device in first._replicas[start]:
-            bufs = tuple(dev._buffers[device] for dev in groups)
-            new = _put_cells_groups(bufs, rcv, ks)
-            for dev, buf in zip(groups, new, strict=True):
-                dev._buffers[device] = buf
+                rcv = packed[n + 3 * g * k : n + 3 * (g + 1) * k].reshape(3, k)
+                kernels.pack_cells(rcv, u.cells, u.source, groups[g].lo, start, spans[g])
+        _put_on(groups, first._replicas[start], packed)
+
+
+def publish_packed(groups: Sequence[DeviceRows], packed: np.ndarray, touched: np.ndarray) -> None:
+    """Publish a packed update (``shard.frame.apply_groups``): for each block index in
+    ``touched``, ``packed[block]`` (``i32[G + 3 G K]``, every group's changed cells there)
+    goes to each device holding that block in one dispatch. ``groups`` share their blocks
+    (:attr:`DeviceRows.packing`)."""
+    by_block = groups[0]._block_devices
+    puts = [(device, packed[b]) for b in touched.tolist() for device in by_block[b]]
+    for device, cells in puts:  # the dispatches back to back
+        new = _put_packed(tuple([dev._buffers[device] for dev in groups]), cells)
+        for dev, buf in zip(groups, new, strict=True):
+            dev._buffers[device] = buf
+
+
+def _put_on(
+    groups: Sequence[DeviceRows], devices: Sequence[jax.Device], packed: np.ndarray
+) -> None:
+    for device in devices:
+        new = _put_packed(tuple([dev._buffers[device] for dev in groups]), packed)
+        for dev, buf in zip(groups, new, strict=True):
+            dev._buffers[device] = buf
 
 
 def warmup_groups(groups: Sequence[DeviceRows]) -> None:
-    """Compile the fused cell update of :func:`update_groups` on every device."""
+    """Compile the fused cell update of :func:`update_groups` and :func:`publish_packed` on
+    every device, for every bucket size (writing nothing)."""
     first = groups[0]
-    ks = np.zeros(len(groups), dtype=np.int32)
+    n = len(groups)
     for device in first._blocks:
         for bucket in CELL_BUCKETS:
-            rcv = np.zeros((len(groups), 3, bucket), dtype=np.int32)
-            bufs = tuple(dev._buffers[device] for dev in groups)
-            new = _put_cells_groups(bufs, rcv, ks)
-            for dev, buf in zip(groups, new, strict=True):
-                dev._buffers[device] = buf
+            _put_on(groups, [device], np.zeros(n + 3 * n * bucket, dtype=np.int32))
 
 
 def assemble(

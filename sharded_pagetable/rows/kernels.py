@@ -22,41 +22,6 @@ from .messages import GroupBatch
 
 assert PAGE_TABLE_PADDING_VAL == 0, "the apply kernel writes 0 as padding"
 
-# Error codes of check_values (0: fine); the caller turns them into messages.
-ROWS_ORDER, RANGE, OP_CODE, SET_CLEAR, APPEND_SHAPE, NEG_PAGE = 1, 2, 3, 4, 5, 6
-
-
-@nb.njit(cache=True, nogil=True)
-def check_values(op, row, start, count, pages, num_rows, width):  # pragma: no cover - jitted
-    """Value checks of one decoded group: ``(error code, index, cells written)``; the cells
-    written must equal ``pages.size``."""
-    k = row.size
-    written = 0
-    for i in range(k):
-        r = row[i]
-        if r < 0 or r >= num_rows or (i > 0 and r <= row[i - 1]):
-            return ROWS_ORDER, i, 0
-        s, c = start[i], count[i]
-        if s < 0 or c > width or s > c:
-            return RANGE, i, 0
-        o = op[i]
-        if o == OP_APPEND:
-            if s == 0 or s == c:
-                return APPEND_SHAPE, i, 0
-        elif o == OP_SET:
-            if s != 0:
-                return SET_CLEAR, i, 0
-        elif o == OP_CLEAR:
-            if s != 0 or c != 0:
-                return SET_CLEAR, i, 0
-        else:
-            return OP_CODE, i, 0
-        written += c - s
-    for j in range(pages.size):
-        if pages[j] < 0:
-            return NEG_PAGE, j, written
-    return 0, 0, written
-
 
 @nb.njit(cache=True, nogil=True)
 def _first_bad_append(counts, op, row, start):  # pragma: no cover - jitted
@@ -290,7 +255,6 @@ def warm_up(table: np.ndarray, counts: np.ndarray, inner: np.ndarray, consts: Gr
     empty = np.frombuffer(b"", dtype="<i4")
     batch = GroupBatch(empty, empty, empty, empty, empty)
     pending_batch(np.ones(1, np.int8), counts[:1], counts[:1], table[:1], 1, 2)
-    check_values(empty, empty, empty, empty, empty, 1, 1)
     first_bad_append(counts, batch)
     batch_terms(inner, batch, consts)
     apply_batch(table, counts, inner, batch, consts)

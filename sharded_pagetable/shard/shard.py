@@ -2,9 +2,10 @@
 
 The same class serves both backends: in the driver (``backend="local"``, handed batches as
 values) and inside a Ray actor (``backend="ray"``, which decodes wire bytes first). It
-applies an epoch's batch with the compiled kernels of :mod:`.kernels`, updates just the
-changed cells on its devices, reports the checksum of what it now holds, and can step back
-one epoch (it keeps the undo of its last batch) so a commit that failed elsewhere publishes
+applies an epoch's batch in one compiled pass (:mod:`.frame`; a frame that arrives as wire
+bytes is read and applied in the same call), updates just the changed cells on its devices
+(one dispatch per device), reports the checksum of what it now holds, and can step back one
+epoch (it keeps the undo of its last batch) so a commit that failed elsewhere publishes
 nowhere.
 """
 
@@ -15,6 +16,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -30,11 +32,21 @@ from ..routing.layout import ShardLayout
 from ..routing.mesh import shard_rows_sharding
 from ..rows import checksum, kernels
 from ..rows.checksum import GroupConsts, segment_index
-from ..rows.device import DeviceRows, GroupUpdate, assemble, update_groups, warmup_groups
+from ..rows.device import (
+    DeviceRows,
+    GroupUpdate,
+    assemble,
+    publish_packed,
+    update_groups,
+    warmup_groups,
+)
 from ..rows.messages import Ack, GroupBatch, ShardBatch
+from . import frame
+from .frame import Applied, apply_frame
 from .step import SavedStep, ShardStep, StepConfig, StepState, shard_step
 from .step_inputs import StepInputs
-from .wire import WireLimits, decode
+from .wire import VERSION, WireLimits, batch_of, decode, decode_columns, encode
+from .wire import warm_up as wire_warm_up
 
 
 @dataclass(frozen=True)
@@ -93,10 +105,28 @@ def check_appends(counts: np.ndarray, batch: GroupBatch, group: int) -> None:
         )
 
 
-@dataclass
-class _GroupUndo:
+class _GroupUndo(NamedTuple):
     rows: np.ndarray  # i32[k] local rows the batch touched
     before: kernels.Before  # their counts, terms and rewritten rows before it
+
+
+class _GroupUndos(Sequence):
+    """Per group, the :class:`_GroupUndo` of a batch (None for a group it left alone), cut
+    from the whole batch's record (:class:`~.frame.Applied`) only when a rollback reads it:
+    the frames that are never rolled back (nearly all) pay for one object."""
+
+    def __init__(self, batch: ShardBatch, applied: Applied, widths: Sequence[int]) -> None:
+        self._groups, self._applied, self._widths = batch.groups, applied, widths
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __getitem__(self, g: int) -> _GroupUndo | None:  # type: ignore[override]
+        gb = self._groups[g]
+        if not gb.size:
+            return None
+        first = sum(b.size for b in self._groups[:g])
+        return _GroupUndo(gb.row, self._applied.before(g, first, gb.size, self._widths[g]))
 
 
 @dataclass
@@ -104,7 +134,7 @@ class _Undo:
     epoch: int
     applied: ShardBatch | bytes | None  # the message of that epoch
     checksum: int
-    groups: list[_GroupUndo | None]
+    groups: Sequence[_GroupUndo | None]
     step: SavedStep | None = None  # the step state before the epoch
 
 
@@ -145,6 +175,7 @@ class Shard:
             warmup_groups(self.devices)  # the step build compiles on the first schedule
             for g, consts in enumerate(self.consts):
                 kernels.warm_up(self.tables[g], self.counts[g], self.inner[g], consts)
+            self._warm_up_apply()
 
     def _ack(self, rows: int, applied: bool, apply_us: int = 0) -> Ack:
         return Ack(
@@ -207,49 +238,121 @@ class Shard:
             )
         if len(batch.groups) != len(self.tables):
             raise WireFormatError(f"batch has {len(batch.groups)} groups, shard {len(self.tables)}")
-        for g, gb in enumerate(batch.groups):
-            check_appends(self.counts[g], gb, g)
+        if self.step is None and batch.schedule is not None:
+            raise WireFormatError(f"shard {self.spec.shard_id} was built without step inputs")
+        # APPENDs are checked against the held counts by frame.apply_groups before it
+        # writes anything (see _apply_rows).
 
     def _decoded(self, batch: ShardBatch | bytes) -> ShardBatch:
         return batch if isinstance(batch, ShardBatch) else decode(batch, self.limits)
+
+    def _decoded_columns(
+        self, batch: ShardBatch | bytes
+    ) -> tuple[ShardBatch, np.ndarray, np.ndarray]:
+        """The batch, and its columns as frame.apply_groups takes them."""
+        if isinstance(batch, ShardBatch):
+            return batch, *frame.flat_columns(batch.groups)
+        return decode_columns(batch, self.limits)
+
+    _batch_consts: frame.Consts | None = None  # built on first use (_consts_of)
+
+    def _consts_of(self) -> frame.Consts:
+        consts = self._batch_consts
+        if consts is None or consts.source is not self.consts:
+            consts = self._batch_consts = frame.Consts.of(self.consts)
+        return consts
+
+    def _warm_up_apply(self) -> None:
+        """Compile (or load) what :meth:`apply` runs on a frame before the first one: the
+        general path, and the one-call path on a frame it refuses (this shard's epoch)."""
+        wire_warm_up(self.limits)
+        packing = self.devices[0].packing
+        frame.warm_up(self.tables, self.counts, self.inner, self._consts_of(), packing)
+        empty = GroupBatch.empty()
+        message = encode(ShardBatch(self.epoch + 1, self.epoch, 0, (empty,) * len(self.tables)))
+        state = (tuple(self.tables), tuple(self.counts), tuple(self.inner))
+        if apply_frame(
+            message, VERSION, self.limits, -1, self.epoch, self.generation, True, state,
+            self._consts_of(), packing,
+        ) is not None:  # fmt: skip
+            raise AssertionError("a frame for another shard was applied")
+
+    def _apply_rows(self, batch: ShardBatch, cols: np.ndarray, offs: np.ndarray) -> Applied:
+        """Apply a checked batch's rows to every group in one compiled pass (refusing it,
+        unchanged, if an APPEND does not start at its row's held count)."""
+        applied = frame.apply_groups(
+            tuple(self.tables), tuple(self.counts), tuple(self.inner), self._consts_of(),
+            cols, offs, self.devices[0].packing,
+        )  # fmt: skip
+        if applied.bad is not None:
+            g, i = applied.bad
+            gb = batch.groups[g]
+            raise WireFormatError(
+                f"group {g}: APPEND to local row {int(gb.row[i])} starts at "
+                f"{int(gb.start[i])} but the row holds {int(self.counts[g][gb.row[i]])} pages"
+            )
+        return applied
+
+    def _publish(self, batch: ShardBatch, applied: Applied) -> None:
+        """Tell the devices every changed cell: one dispatch per touched device when the
+        batch packed (the decode case), else the per-group path."""
+        if applied.packed.size:
+            publish_packed(self.devices, applied.packed, applied.touched)
+            return
+        updates: list[GroupUpdate | None] = []
+        first = 0
+        for g, gb in enumerate(batch.groups):
+            cells = applied.cells(gb, first, self.lo)
+            updates.append(GroupUpdate(gb.row, self.tables[g], self.hi, cells) if gb.size else None)
+            first += gb.size
+        update_groups(self.devices, updates)
+
+    def _undo_of(self, batch: ShardBatch, applied: Applied) -> _Undo:
+        groups = _GroupUndos(batch, applied, self.spec.widths)
+        return _Undo(self.epoch, self._applied, self.checksum, groups)
 
     def apply(self, batch: ShardBatch | bytes) -> Ack:
         """Apply one epoch's batch (a value, or wire bytes decoded strictly first); a re-sent
         epoch is acknowledged without applying it again."""
         t0 = time.perf_counter()
+        if type(batch) is bytes:  # the usual frame: read and applied in one compiled call
+            got = apply_frame(
+                batch, VERSION, self.limits, self.spec.shard_id, self.epoch, self.generation,
+                self.step is not None, (tuple(self.tables), tuple(self.counts),
+                tuple(self.inner)), self._consts_of(), self.devices[0].packing,
+            )  # fmt: skip
+            if got is not None:
+                decoded = batch_of(
+                    got.epoch, got.base, self.spec.shard_id, got.generation, got.touched,
+                    got.flat, got.offs, got.has_sched,
+                )  # fmt: skip
+                return self._applied_now(decoded, batch, got.applied, t0)
         message = batch
-        batch = self._decoded(batch)
+        batch, cols, offs = self._decoded_columns(batch)
         self._obey(batch.generation)
         if batch.epoch == self.epoch and batch.shard == self.spec.shard_id:
             if not self._same_as_applied(message, batch):
                 raise WireFormatError(f"epoch {batch.epoch} was already applied with other content")
             return self._ack(batch.rows, applied=False)
         self._check(batch)
-        undo = _Undo(self.epoch, self._applied, self.checksum, [])
-        total = self.checksum
-        device_updates: list[GroupUpdate | None] = [None] * len(batch.groups)
-        for g, gb in enumerate(batch.groups):
-            if gb.size == 0:
-                undo.groups.append(None)
-                continue
-            table = self.tables[g]
-            delta, cells, before = kernels.apply_batch(
-                table, self.counts[g], self.inner[g], gb, self.consts[g], self.lo
-            )
-            undo.groups.append(_GroupUndo(gb.row, before))
-            total = checksum.add(total, delta)
-            device_updates[g] = GroupUpdate(gb.row, table, self.hi, cells)
-        update_groups(self.devices, device_updates)
+        return self._applied_now(batch, message, self._apply_rows(batch, cols, offs), t0)
+
+    def _applied_now(
+        self, batch: ShardBatch, message: ShardBatch | bytes, applied: Applied, t0: float
+    ) -> Ack:
+        """Finish applying ``batch`` (its rows are in the tables): devices, step state, the
+        undo, the new epoch and checksum; the ack."""
+        undo = self._undo_of(batch, applied)
+        self._publish(batch, applied)
         if self.step is not None:
             undo.step = self.step.saved()
             self.step.advance(batch, self.devices)
-        elif batch.schedule is not None:
-            raise WireFormatError(f"shard {self.spec.shard_id} was built without step inputs")
         self._undo = undo
-        self.checksum = total
+        self.checksum = checksum.add(self.checksum, applied.delta)
         self.epoch = batch.epoch
         self._applied = message
-        return self._ack(batch.rows, True, int((time.perf_counter() - t0) * 1e6))
+        # applied.size is batch.rows: one entry per row update
+        return self._ack(applied.size, True, int((time.perf_counter() - t0) * 1e6))
 
     def _same_as_applied(self, message: ShardBatch | bytes, batch: ShardBatch) -> bool:
         """Whether a re-sent epoch carries what this shard applied for it. Wire bytes compare
