@@ -206,7 +206,8 @@ class Subject:
 
     def _handler(self, actor_mod, kind: str):
         lock = threading.Lock()
-        if kind == "frames":  # this checkout: the handler the actor hands its channel
+        if kind == "frames" or hasattr(actor_mod, "FrameHandler"):  # the handler the actor
+            # hands its channel (this checkout, or a base that has one too)
             return actor_mod.FrameHandler(self.shard, lock, collections.deque(maxlen=16))
         actor = actor_mod.ShardActor.__new__(actor_mod.ShardActor)  # the older actor
         actor.shard_id, actor._shard, actor._lock = 0, self.shard, lock

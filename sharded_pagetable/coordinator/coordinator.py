@@ -295,7 +295,8 @@ class ShardedPageTable:
 
     @property
     def epoch(self) -> int:
-        """The last epoch every shard confirmed."""
+        """The last confirmed epoch (every shard it touched confirmed it; the others hold
+        an older one with rows it did not change)."""
         return self._committer.epoch
 
     @property
@@ -349,9 +350,11 @@ class ShardedPageTable:
         *,
         wait: bool = True,
     ) -> CommitReceipt:
-        """Publish rows ``[0, num_reqs)`` on every shard as one new epoch; returns a receipt
-        (the epoch; per shard the rows and bytes sent and the checksum it confirmed; the KV
-        copies the model step must make).
+        """Publish rows ``[0, num_reqs)`` as one new epoch; returns a receipt (the epoch; per
+        shard it touched, the rows and bytes sent and the checksum it confirmed; the KV
+        copies the model step must make). Only the shards the epoch touches (a changed row,
+        a part of the schedule other than the one they hold, KV copies) are sent a message
+        and waited on; nothing to send is no epoch.
 
         With ``num_scheduled_tokens`` and ``num_computed_tokens`` (one int per row below
         ``num_reqs``) the epoch also carries the step's schedule: every shard builds the
@@ -476,8 +479,10 @@ class ShardedPageTable:
         return self._read(lambda backend: backend.run_on_shards(fn, *args, step=step))
 
     def shard_status(self) -> list[tuple[int, int]]:
-        """``(epoch, checksum)`` each shard reports now; all equal to ``(t.epoch, receipt
-        checksum)`` when the table is healthy."""
+        """``(epoch, checksum)`` each shard reports now. A commit reaches only the shards it
+        touches, so a healthy shard holds the epoch that last touched it (at most
+        ``t.epoch``) and the checksum its last receipt gave; the coordinator checks exactly
+        that pair per shard when it recovers or attaches."""
         return self._read(lambda backend: [(a.epoch, a.checksum) for a in backend.status()])
 
     # -- recovery --------------------------------------------------------------------------
