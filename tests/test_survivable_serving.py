@@ -239,7 +239,10 @@ def test_a_dead_shard_costs_only_its_rows_kv_under_a_model_step(table):
     before = pids(t)
     sched = np.where(sch.uid >= 0, sch.want - sch.done, 0).astype(np.int32)
     with kill_after_send(t, None, shard=0):
-        t.commit(ROWS, num_scheduled_tokens=sched, num_computed_tokens=sch.done, wait=False)
+        flying = t.commit(
+            ROWS, num_scheduled_tokens=sched, num_computed_tokens=sch.done, wait=False
+        )
+    assert not flying.confirmed and 0 in [r.shard for r in flying.shards]  # it reaches shard 0
     with pytest.raises(sp.ShardFailedError):
         t.wait()
     # Nothing was published (the move stays pending): the rows lost are the victim's as
