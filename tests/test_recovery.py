@@ -133,10 +133,11 @@ def test_resent_epoch_is_acknowledged_not_applied_twice(local_ray):
         t.close()
 
 
-def test_attach_settles_shards_one_epoch_apart(local_ray):
-    """The old coordinator died after shard 0 applied an epoch that shard 1 never got: the
-    new coordinator steps shard 0 back and starts from the last epoch every shard holds."""
-    cfg = config("apart", detached=True)
+def shard_0_one_epoch_ahead(name: str, touched: int):
+    """A detached table of config ``name`` at one epoch whose shard 0 then applied the next
+    (sent to ``touched`` shards) and whose coordinator is gone before reading the ack:
+    ``(config, reference at the first epoch, that epoch, shard 0's reply)``."""
+    cfg = config(name, detached=True)
     t = sp.ShardedPageTable.from_config(cfg)
     ref = model()
     for tab in (t, ref):
@@ -144,13 +145,17 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
         tab.add_row([[9], [10, 11]], 20)
         tab.commit(ROWS)
     epoch = t.epoch
-    message = append_page_message(epoch, held=3, page=99, generation=t.generation)
-    assert (
-        decode_reply(ray.get(t._backend.actors[0].apply.remote(message), timeout=30), 2).epoch
-        == epoch + 1
-    )
+    message = append_page_message(epoch, held=3, page=99, generation=t.generation, touched=touched)
+    reply = ray.get(t._backend.actors[0].apply.remote(message), timeout=30)
     t._backend.detach()  # the old coordinator is gone; its shards keep running
-    del t
+    return cfg, ref, epoch, reply
+
+
+def test_attach_settles_shards_one_epoch_apart(local_ray):
+    """The old coordinator died after shard 0 applied an epoch that shard 1 never got: the
+    new coordinator steps shard 0 back and starts from the last epoch every shard holds."""
+    cfg, ref, epoch, reply = shard_0_one_epoch_ahead("apart", touched=2)
+    assert decode_reply(reply, 2).epoch == epoch + 1
     attached = sp.ShardedPageTable.attach(cfg)
     try:
         assert attached.epoch == epoch
@@ -168,20 +173,10 @@ def test_attach_settles_shards_one_epoch_apart(local_ray):
 def test_attach_keeps_a_finished_epoch_that_reached_one_shard(local_ray):
     """The old coordinator's last epoch reached shard 0 alone (only its rows changed) and
     shard 0 applied it: the new coordinator keeps it, with shard 1 at its older epoch."""
-    cfg = config("one-shard", detached=True)
-    t = sp.ShardedPageTable.from_config(cfg)
-    ref = model()
-    for tab in (t, ref):
-        tab.add_row([[5, 6, 7], [8]], 0)
-        tab.add_row([[9], [10, 11]], 20)
-        tab.commit(ROWS)
-    epoch = t.epoch
-    message = append_page_message(epoch, held=3, page=99, generation=t.generation, touched=1)
-    assert ray.get(t._backend.actors[0].apply.remote(message), timeout=30)
+    cfg, ref, epoch, reply = shard_0_one_epoch_ahead("one-shard", touched=1)
+    assert reply
     ref.append_row([[99], []], 0)
     ref.commit(ROWS)
-    t._backend.detach()  # the old coordinator died before it read the ack
-    del t
     attached = sp.ShardedPageTable.attach(cfg)
     try:
         assert attached.epoch == epoch + 1
